@@ -1,0 +1,1 @@
+"""The Llama 4 architecture: config dialects, checkpoint reading, the model, tokenizer, sampling."""

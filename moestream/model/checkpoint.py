@@ -1,0 +1,244 @@
+"""Checkpoint: a Hugging Face Llama 4 directory, validated up front and read lazily.
+
+Why validate first: a missing shard, a truncated file or a config that disagrees with the weights
+should fail at load with one line naming the file, not minutes later inside a matmul. The headers of
+every safetensors file are parsed (8-byte length + JSON) without touching tensor data, so checking
+a 200 GB checkpoint costs milliseconds.
+
+Why lazy: routed experts are ~90% of the bytes. `read_expert(layer, e)` slices one expert out of the
+memory-mapped fused `[E, D, 2F]` / `[E, F, D]` tensors (or reads the per-expert variant) and never
+materialises a whole layer's experts.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import MoestreamError
+from .config import ModelConfig
+
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+IGNORED_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+
+@dataclass
+class TensorInfo:
+    shard: Path
+    key: str  # the name inside the shard file (with its original prefix)
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse a safetensors header and check that the file holds every byte it promises."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MoestreamError(f"{path.name} is truncated ({size} bytes): re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise MoestreamError(
+                    f"{path.name} is truncated or not a safetensors file (header of {n} bytes, "
+                    f"file of {size}): re-download it"
+                )
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MoestreamError(f"{path.name} has a corrupt safetensors header: re-download it") from None
+    except OSError as e:
+        raise MoestreamError(f"cannot read {path}: {e.strerror}") from None
+    header.pop("__metadata__", None)
+    need = 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0)
+    if size < need:
+        raise MoestreamError(
+            f"{path.name} is truncated: {size} bytes on disk, its header needs {need}; re-download it"
+        )
+    return header
+
+
+def text_name(key: str) -> str | None:
+    """Map a stored tensor name to the text model's name (`model.layers...`, `lm_head.weight`).
+
+    Returns None for vision-tower / projector tensors, which a text-only runtime ignores.
+    """
+    if key.startswith(IGNORED_PREFIXES):
+        return None
+    if key.startswith("language_model."):
+        key = key[len("language_model."):]
+    if key.startswith("model.language_model."):
+        key = "model." + key[len("model.language_model."):]
+    return key
+
+
+class Checkpoint:
+    """A validated Llama 4 checkpoint directory. Tensors are read on request."""
+
+    def __init__(self, path: str | Path, config: ModelConfig | None = None):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MoestreamError(f"model directory {self.path} does not exist")
+        self.config = config or ModelConfig.from_file(self.path / "config.json")
+        self.notes: list[str] = []  # one-line remarks for the user (e.g. ignored vision weights)
+        self.tensors: dict[str, TensorInfo] = {}
+        self._handles: dict[Path, object] = {}
+        self.expert_reads = 0  # experts sliced out of the files: proves laziness in tests
+        self.expert_bytes_read = 0
+        self._index_files()
+        self.per_expert_keys = f"model.layers.{self._first_moe()}.feed_forward.experts.0.gate_proj.weight" in self.tensors
+        self._validate_shapes()
+
+    # --- discovery -----------------------------------------------------------------------------
+    def _index_files(self) -> None:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                raise MoestreamError(f"{index.name} is corrupt (no weight_map): re-download it") from None
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (self.path / s).exists()]
+            if missing:
+                raise MoestreamError(
+                    f"shard {missing[0]} listed in {index.name} is missing from {self.path}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    + ": finish the download"
+                )
+            files = [self.path / s for s in shards]
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            pickles = [p.name for pat in PICKLE_PATTERNS for p in self.path.glob(pat)]
+            if pickles:
+                raise MoestreamError(
+                    f"{pickles[0]} is a pickle checkpoint; moestream loads only safetensors (never unpickles): "
+                    "convert it with transformers' save_pretrained(..., safe_serialization=True)"
+                )
+            raise MoestreamError(f"no .safetensors weights in {self.path}")
+
+        vision = 0
+        for f in files:
+            for key, meta in read_safetensors_header(f).items():
+                name = text_name(key)
+                if name is None:
+                    vision += 1
+                    continue
+                self.tensors[name] = TensorInfo(f, key, meta["dtype"], tuple(meta["shape"]))
+        if vision:
+            self.notes.append(f"ignoring {vision} vision-tower tensors (moestream runs the text model only)")
+
+    def _first_moe(self) -> int:
+        return self.config.moe_layers[0] if self.config.moe_layers else -1
+
+    # --- validation ----------------------------------------------------------------------------
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        D, F, Fm, E = c.hidden_size, c.intermediate_size, c.intermediate_size_mlp, c.num_local_experts
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        shapes = {"model.embed_tokens.weight": (c.vocab_size, D), "model.norm.weight": (D,)}
+        if not c.tie_word_embeddings or "lm_head.weight" in self.tensors:
+            shapes["lm_head.weight"] = (c.vocab_size, D)
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            shapes |= {
+                p + "self_attn.q_proj.weight": (q, D),
+                p + "self_attn.k_proj.weight": (kv, D),
+                p + "self_attn.v_proj.weight": (kv, D),
+                p + "self_attn.o_proj.weight": (D, q),
+                p + "input_layernorm.weight": (D,),
+                p + "post_attention_layernorm.weight": (D,),
+            }
+            f = p + "feed_forward."
+            if c.is_moe(i):
+                shapes |= {
+                    f + "router.weight": (E, D),
+                    f + "shared_expert.gate_proj.weight": (F, D),
+                    f + "shared_expert.up_proj.weight": (F, D),
+                    f + "shared_expert.down_proj.weight": (D, F),
+                }
+                if self.per_expert_keys:
+                    for e in range(E):
+                        shapes |= {
+                            f + f"experts.{e}.gate_proj.weight": (F, D),
+                            f + f"experts.{e}.up_proj.weight": (F, D),
+                            f + f"experts.{e}.down_proj.weight": (D, F),
+                        }
+                else:
+                    shapes |= {f + "experts.gate_up_proj": (E, D, 2 * F), f + "experts.down_proj": (E, F, D)}
+            else:
+                shapes |= {
+                    f + "gate_proj.weight": (Fm, D),
+                    f + "up_proj.weight": (Fm, D),
+                    f + "down_proj.weight": (D, Fm),
+                }
+        return shapes
+
+    def _validate_shapes(self) -> None:
+        for name, shape in self.expected_shapes().items():
+            info = self.tensors.get(name)
+            if info is None:
+                raise MoestreamError(
+                    f"checkpoint lacks tensor {name} that config.json implies: "
+                    "the download is incomplete or config.json belongs to another model"
+                )
+            if info.shape != shape:
+                raise MoestreamError(
+                    f"tensor {name} in {info.shard.name} has shape {list(info.shape)} but config.json "
+                    f"implies {list(shape)}: config.json does not match these weights"
+                )
+            if info.dtype not in SAFETENSORS_DTYPES:
+                raise MoestreamError(
+                    f"tensor {name} is stored as {info.dtype}; moestream reads bf16/f16/f32 checkpoints "
+                    "(quantized exports are not supported yet)"
+                )
+
+    # --- reads -----------------------------------------------------------------------------------
+    def _handle(self, shard: Path):
+        h = self._handles.get(shard)
+        if h is None:
+            h = self._handles[shard] = safe_open(str(shard), framework="pt")
+        return h
+
+    def read(self, name: str) -> torch.Tensor:
+        """One whole tensor (a non-expert weight)."""
+        if name == "lm_head.weight" and name not in self.tensors:
+            name = "model.embed_tokens.weight"  # tied embeddings
+        info = self.tensors[name]
+        return self._handle(info.shard).get_tensor(info.key)
+
+    def _slice(self, name: str, e: int) -> torch.Tensor:
+        info = self.tensors[name]
+        return self._handle(info.shard).get_slice(info.key)[e]
+
+    def read_expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One routed expert in x@W orientation: (gate_up [D, 2F], down [F, D]).
+
+        Only this expert's bytes are read from the memory-mapped files.
+        """
+        f = f"model.layers.{layer}.feed_forward.experts."
+        if self.per_expert_keys:
+            gate = self.read(f + f"{e}.gate_proj.weight")
+            up = self.read(f + f"{e}.up_proj.weight")
+            gate_up = torch.cat([gate.t(), up.t()], dim=1)
+            down = self.read(f + f"{e}.down_proj.weight").t()
+        else:
+            gate_up = self._slice(f + "gate_up_proj", e)
+            down = self._slice(f + "down_proj", e)
+        self.expert_reads += 1
+        self.expert_bytes_read += gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
+        return gate_up, down
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.tensors["model.embed_tokens.weight"].dtype]

@@ -1,0 +1,226 @@
+"""The Llama 4 text model, in plain tensors, readable top to bottom.
+
+One decoder block is   h = x + attention(rms_norm(x));   out = h + ffn(rms_norm(h))
+where ffn is a dense SwiGLU MLP or a mixture of experts, and attention is one of two kinds:
+- RoPE layers: rotary positions (interleaved pairs, optional llama3 scaling), optional weightless
+  QK-norm, and *chunked local* causal attention (a token sees only its own aligned chunk);
+- NoPE layers (every 4th by default): no positions, *global* causal attention, and optionally a
+  query temperature that grows with log(position) so long contexts stay sharp.
+The MoE block routes each token to its top-k experts by router logit, scales the expert *input*
+by sigmoid(logit), and adds an always-on shared expert. Routed experts are fetched through
+`experts.get(layer, e)`, the seam the offload engine plugs into.
+
+Shapes: a sequence is [T, D] (one sequence at a time, as a runtime serves it); heads are [T, H, hd].
+The pure functions at the top are reused by scripts/train_tiny.py with a batch dimension in front.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..cache.kv import KVCache
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+
+
+# --- building blocks (shape-agnostic in the leading dimensions) ----------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, as the reference does; weight None = weightless (QK-norm)."""
+    xf = x.float()
+    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    return out if weight is None else out * weight
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies for rotary embeddings, with llama3 wavelength scaling when configured."""
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)  # long wavelengths: stretched
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)  # in between: interpolate
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [..., T, hd/2] (float32) for absolute positions."""
+    angles = positions.float()[..., None] * inv_freq.to(positions.device)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [..., T, H, hd] by the position angles."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[..., None, :], sin[..., None, :]  # broadcast over heads
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(x)
+
+
+def attention_temperature(positions: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Per-query scale for NoPE layers: 1 + attn_scale * log1p(floor((pos + 1) / floor_scale))."""
+    return torch.log1p(torch.floor((positions.float() + 1.0) / config.floor_scale)) * config.attn_scale + 1.0
+
+
+def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Boolean mask [Tq, Tk]: causal, and within the same aligned chunk when `chunk` is given."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if chunk is not None:
+        mask &= (k_pos[None, :] // chunk) == (q_pos[:, None] // chunk)
+    return mask
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Dense / shared-expert MLP with nn.Linear-oriented weights [out, in]."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int):
+    """Top-k experts per token and their input scales sigmoid(logit) (not softmax, no renorm)."""
+    logits = F.linear(x, router)
+    top_logits, top_experts = logits.topk(top_k, dim=-1)
+    return top_experts, torch.sigmoid(top_logits.float()).to(x.dtype), logits
+
+
+# --- weights -------------------------------------------------------------------------------------
+@dataclass
+class AttentionWeights:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+
+
+@dataclass
+class MLPWeights:
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+@dataclass
+class MoEWeights:
+    router: torch.Tensor  # [E, D]
+    shared: MLPWeights  # the always-on shared expert; routed experts come from the ExpertStore
+
+
+@dataclass
+class Block:
+    index: int
+    attn_norm: torch.Tensor
+    attn: AttentionWeights
+    ffn_norm: torch.Tensor
+    ffn: MLPWeights | MoEWeights
+
+
+# --- the model -----------------------------------------------------------------------------------
+class Llama4:
+    """Resident weights (attention, norms, routers, shared/dense MLPs, embeddings) + an expert source."""
+
+    def __init__(self, config: ModelConfig, blocks, embed, norm, lm_head, experts, device, dtype):
+        self.config, self.blocks = config, blocks
+        self.embed, self.norm, self.lm_head = embed, norm, lm_head
+        self.experts = experts  # anything with .get(layer, e) -> callable expert
+        self.device, self.dtype = torch.device(device), dtype
+        self.inv_freq = rope_inv_freq(config).to(self.device)
+        self.on_route = None  # optional hook(layer, experts [T, k], scores [T, k]) for routing traces
+        self.resident_bytes = sum(t.numel() * t.element_size() for t in self.resident_tensors())
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """Every weight held outside the expert store (tied embeddings counted once)."""
+        def flat(obj):
+            for value in vars(obj).values():
+                if isinstance(value, torch.Tensor):
+                    yield value
+                elif hasattr(value, "__dataclass_fields__"):
+                    yield from flat(value)
+
+        tensors = [self.embed, self.norm, self.lm_head] + [t for b in self.blocks for t in flat(b)]
+        return list({t.data_ptr(): t for t in tensors}.values())
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, experts, device, dtype) -> "Llama4":
+        def w(name: str) -> torch.Tensor:
+            return ckpt.read(name).to(device=device, dtype=dtype)
+
+        def mlp(prefix: str) -> MLPWeights:
+            return MLPWeights(w(prefix + "gate_proj.weight"), w(prefix + "up_proj.weight"), w(prefix + "down_proj.weight"))
+
+        blocks = []
+        for i in range(ckpt.config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            attn = AttentionWeights(*(w(p + f"self_attn.{n}_proj.weight") for n in "qkvo"))
+            if ckpt.config.is_moe(i):
+                ffn = MoEWeights(w(p + "feed_forward.router.weight"), mlp(p + "feed_forward.shared_expert."))
+            else:
+                ffn = mlp(p + "feed_forward.")
+            blocks.append(Block(i, w(p + "input_layernorm.weight"), attn, w(p + "post_attention_layernorm.weight"), ffn))
+        return cls(
+            ckpt.config, blocks, w("model.embed_tokens.weight"), w("model.norm.weight"), w("lm_head.weight"),
+            experts, device, dtype,
+        )
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (float32) for token ids [T] continuing `cache` (None = a fresh sequence, no cache)."""
+        pos0 = cache.pos if cache is not None else 0
+        positions = torch.arange(pos0, pos0 + ids.shape[0], device=self.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions)
+        x = F.embedding(ids.to(self.device), self.embed)
+        for block in self.blocks:
+            layer_cache = cache.layers[block.index] if cache is not None else None
+            x = x + self.attention(rms_norm(x, block.attn_norm, self.config.rms_norm_eps), block, positions, cos, sin, layer_cache)
+            h = rms_norm(x, block.ffn_norm, self.config.rms_norm_eps)
+            x = x + (self.moe(h, block) if isinstance(block.ffn, MoEWeights) else swiglu(h, block.ffn.gate, block.ffn.up, block.ffn.down))
+        if cache is not None:
+            cache.pos += ids.shape[0]
+        if last_only:
+            x = x[-1:]
+        return F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+
+    def attention(self, x, block: Block, positions, cos, sin, layer_cache) -> torch.Tensor:
+        c, w, T = self.config, block.attn, x.shape[0]
+        q = F.linear(x, w.q).view(T, c.num_attention_heads, c.head_dim)
+        k = F.linear(x, w.k).view(T, c.num_key_value_heads, c.head_dim)
+        v = F.linear(x, w.v).view(T, c.num_key_value_heads, c.head_dim)
+        rope = c.uses_rope(block.index)
+        if rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if c.use_qk_norm:
+                q, k = rms_norm(q, None, c.rms_norm_eps), rms_norm(k, None, c.rms_norm_eps)
+        elif c.attn_temperature_tuning:
+            q = (q * attention_temperature(positions, c)[:, None, None]).to(q.dtype)
+
+        if layer_cache is not None:
+            k, v, k_pos = layer_cache.extend(k, v, int(positions[0]))
+        else:
+            k_pos = positions
+        # A single new token sees every key its cache returns; longer steps need the mask.
+        mask = visibility(positions, k_pos, c.attention_chunk_size if rope else None) if T > 1 else None
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
+        )
+        return F.linear(out.transpose(0, 1).reshape(T, -1), w.o)
+
+    def moe(self, x: torch.Tensor, block: Block) -> torch.Tensor:
+        ffn: MoEWeights = block.ffn
+        top_experts, scores, _ = route(x, ffn.router, self.config.num_experts_per_tok)
+        if self.on_route is not None:
+            self.on_route(block.index, top_experts, scores)
+        out = swiglu(x, ffn.shared.gate, ffn.shared.up, ffn.shared.down)
+        for e in top_experts.unique().tolist():
+            rows, slots = (top_experts == e).nonzero(as_tuple=True)
+            expert = self.experts.get(block.index, e)  # the only place routed weights are touched
+            out.index_add_(0, rows, expert(x[rows] * scores[rows, slots, None]))
+        return out
