@@ -106,7 +106,8 @@ class LLM:
     ) -> list[int]:
         """Generate token ids after `prompt_ids`; `stream(id)` is called for every new token."""
         params = params or SamplingParams()
-        stop_ids = self.stop_ids if stop_ids is None else stop_ids
+        if stop_ids is None:
+            stop_ids = set() if params.ignore_eos else self.stop_ids
         prompt_ids = self._ids(prompt_ids).tolist()
         if len(prompt_ids) >= self.ctx_size:
             raise MoestreamError(
@@ -152,16 +153,20 @@ class LLM:
     def generate(
         self, prompt_or_messages, max_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.95,
         top_k: int = 40, repetition_penalty: float = 1.0, seed: int | None = None,
-        stream: Callable[[str], None] | None = None,
+        stream: Callable[[str], None] | None = None, ignore_eos: bool = False,
     ) -> str:
         """Text after a prompt (str, completed as is) or a chat (list of {"role", "content"})."""
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, max_tokens, ignore_eos)
+        return self.complete(prompt_or_messages, params, stream)
+
+    def complete(self, prompt_or_messages, params: SamplingParams, stream: Callable[[str], None] | None = None) -> str:
+        """`generate` with the sampling settings in one object (what the CLI passes down)."""
         if self.tokenizer is None:
             raise MoestreamError(f"{self.runtime.model} has no tokenizer.json: pass token ids to generate_ids()")
         if isinstance(prompt_or_messages, str):
             ids = self.tokenizer.encode(prompt_or_messages)
         else:
             ids = self.tokenizer.encode_chat(list(prompt_or_messages))
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, max_tokens)
         text_of = self.tokenizer.stream_decoder()
         pieces: list[str] = []
 

@@ -6,8 +6,9 @@ Llama 4 has two kinds of attention layer, and their caches differ in size by ord
 - NoPE layers attend globally, so `GlobalKV` keeps every token (grown geometrically).
 
 Attention asks a layer's cache for "the keys my new queries may see" via `extend`, which stores the
-new keys and returns the visible keys with their absolute positions; the mask is built from
-positions, so the model never needs to know which cache it talks to.
+new keys and returns the visible keys and the absolute position of the first one (they are
+consecutive); the mask is built from positions, so the model never needs to know which cache it
+talks to.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class ChunkKV:
         self.n = 0  # filled slots
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, pos0: int):
-        """Store k/v [T, Hkv, hd] at positions pos0.. and return (keys, values, key_positions)."""
+        """Store k/v [T, Hkv, hd] at positions pos0.. and return (keys, values, first key position)."""
         T, C = k.shape[0], self.chunk
         if pos0 // C != self.start // C or self.n == 0:
             self.start, self.n = (pos0 // C) * C, 0  # a new chunk: the old one is out of sight
@@ -35,21 +36,18 @@ class ChunkKV:
             self.k[self.n:self.n + T] = k
             self.v[self.n:self.n + T] = v
             self.n += T
-            return self.k[:self.n], self.v[:self.n], self._positions(self.start, self.n)
+            return self.k[:self.n], self.v[:self.n], self.start
         # A multi-token step that crosses chunk boundaries: attend over old + new, keep the last chunk.
         keys = torch.cat([self.k[:self.n], k])
         values = torch.cat([self.v[:self.n], v])
-        positions = self._positions(self.start, keys.shape[0])
+        first = self.start
         last_start = ((pos0 + T - 1) // C) * C
         keep = last_start - self.start
         self.n = keys.shape[0] - keep
         self.k[:self.n] = keys[keep:]
         self.v[:self.n] = values[keep:]
         self.start = last_start
-        return keys, values, positions
-
-    def _positions(self, start: int, n: int) -> torch.Tensor:
-        return torch.arange(start, start + n, device=self.k.device)
+        return keys, values, first
 
     @property
     def nbytes(self) -> int:
@@ -74,7 +72,7 @@ class GlobalKV:
         self.k[self.n:self.n + T] = k
         self.v[self.n:self.n + T] = v
         self.n += T
-        return self.k[:self.n], self.v[:self.n], torch.arange(self.n, device=self.k.device)
+        return self.k[:self.n], self.v[:self.n], 0
 
     @property
     def nbytes(self) -> int:

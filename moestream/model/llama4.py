@@ -54,18 +54,16 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [..., T, hd/2] (float32) for absolute positions."""
+def rope_rotations(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Unit complex rotations e^(i * pos * freq), [..., T, hd/2] complex64, for absolute positions."""
     angles = positions.float()[..., None] * inv_freq.to(positions.device)
-    return torch.cos(angles), torch.sin(angles)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [..., T, H, hd] by the position angles."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[..., None, :], sin[..., None, :]  # broadcast over heads
-    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [..., T, H, hd], as complex numbers."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotations[..., None, :]).flatten(-2).type_as(x)
 
 
 def attention_temperature(positions: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -81,9 +79,22 @@ def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> t
     return mask
 
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """Dense / shared-expert MLP with nn.Linear-oriented weights [out, in]."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One query token over all its visible keys, GQA by grouping heads: q [H, hd], k/v [S, Hkv, hd].
+
+    Three small kernels; cheaper than the general SDPA path when there is nothing to mask.
+    """
+    H, hd = q.shape
+    kv_heads = k.shape[1]
+    q = q.view(kv_heads, H // kv_heads, hd)  # query heads grouped under their shared KV head
+    scores = (q @ k.permute(1, 2, 0)) * hd**-0.5  # [Hkv, group, S]
+    return (scores.softmax(-1) @ v.transpose(0, 1)).reshape(1, H * hd)
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Dense / shared-expert MLP; nn.Linear orientation, gate and up stacked: gate_up [2F, D]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int):
@@ -96,17 +107,14 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int):
 # --- weights -------------------------------------------------------------------------------------
 @dataclass
 class AttentionWeights:
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    qkv: torch.Tensor  # q, k and v projections stacked: one matmul instead of three
     o: torch.Tensor
 
 
 @dataclass
 class MLPWeights:
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
+    gate_up: torch.Tensor  # [2F, D]: gate rows, then up rows
+    down: torch.Tensor  # [D, F]
 
 
 @dataclass
@@ -155,12 +163,13 @@ class Llama4:
             return ckpt.read(name).to(device=device, dtype=dtype)
 
         def mlp(prefix: str) -> MLPWeights:
-            return MLPWeights(w(prefix + "gate_proj.weight"), w(prefix + "up_proj.weight"), w(prefix + "down_proj.weight"))
+            return MLPWeights(torch.cat([w(prefix + "gate_proj.weight"), w(prefix + "up_proj.weight")]), w(prefix + "down_proj.weight"))
 
         blocks = []
         for i in range(ckpt.config.num_hidden_layers):
             p = f"model.layers.{i}."
-            attn = AttentionWeights(*(w(p + f"self_attn.{n}_proj.weight") for n in "qkvo"))
+            qkv = torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            attn = AttentionWeights(qkv, w(p + "self_attn.o_proj.weight"))
             if ckpt.config.is_moe(i):
                 ffn = MoEWeights(w(p + "feed_forward.router.weight"), mlp(p + "feed_forward.shared_expert."))
             else:
@@ -176,38 +185,43 @@ class Llama4:
         """Logits (float32) for token ids [T] continuing `cache` (None = a fresh sequence, no cache)."""
         pos0 = cache.pos if cache is not None else 0
         positions = torch.arange(pos0, pos0 + ids.shape[0], device=self.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions)
+        rotations = rope_rotations(self.inv_freq, positions)
+        temperature = attention_temperature(positions, self.config)[:, None, None]
         x = F.embedding(ids.to(self.device), self.embed)
         for block in self.blocks:
             layer_cache = cache.layers[block.index] if cache is not None else None
-            x = x + self.attention(rms_norm(x, block.attn_norm, self.config.rms_norm_eps), block, positions, cos, sin, layer_cache)
+            h = rms_norm(x, block.attn_norm, self.config.rms_norm_eps)
+            x = x + self.attention(h, block, pos0, positions, rotations, temperature, layer_cache)
             h = rms_norm(x, block.ffn_norm, self.config.rms_norm_eps)
-            x = x + (self.moe(h, block) if isinstance(block.ffn, MoEWeights) else swiglu(h, block.ffn.gate, block.ffn.up, block.ffn.down))
+            x = x + (self.moe(h, block) if isinstance(block.ffn, MoEWeights) else swiglu(h, block.ffn.gate_up, block.ffn.down))
         if cache is not None:
             cache.pos += ids.shape[0]
         if last_only:
             x = x[-1:]
         return F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()
 
-    def attention(self, x, block: Block, positions, cos, sin, layer_cache) -> torch.Tensor:
+    def attention(self, x, block: Block, pos0: int, positions, rotations, temperature, layer_cache) -> torch.Tensor:
         c, w, T = self.config, block.attn, x.shape[0]
-        q = F.linear(x, w.q).view(T, c.num_attention_heads, c.head_dim)
-        k = F.linear(x, w.k).view(T, c.num_key_value_heads, c.head_dim)
-        v = F.linear(x, w.v).view(T, c.num_key_value_heads, c.head_dim)
+        q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        q, k, v = F.linear(x, w.qkv).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(T, c.num_attention_heads, c.head_dim)
+        k = k.view(T, c.num_key_value_heads, c.head_dim)
+        v = v.view(T, c.num_key_value_heads, c.head_dim)
         rope = c.uses_rope(block.index)
         if rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, rotations), apply_rope(k, rotations)
             if c.use_qk_norm:
                 q, k = rms_norm(q, None, c.rms_norm_eps), rms_norm(k, None, c.rms_norm_eps)
         elif c.attn_temperature_tuning:
-            q = (q * attention_temperature(positions, c)[:, None, None]).to(q.dtype)
+            q = (q * temperature).to(q.dtype)
 
+        first = pos0
         if layer_cache is not None:
-            k, v, k_pos = layer_cache.extend(k, v, int(positions[0]))
-        else:
-            k_pos = positions
-        # A single new token sees every key its cache returns; longer steps need the mask.
-        mask = visibility(positions, k_pos, c.attention_chunk_size if rope else None) if T > 1 else None
+            k, v, first = layer_cache.extend(k, v, pos0)
+        if T == 1:  # a single new token sees every key its cache returns
+            return F.linear(decode_attention(q[0], k, v), w.o)
+        k_pos = torch.arange(first, first + k.shape[0], device=k.device)
+        mask = visibility(positions, k_pos, c.attention_chunk_size if rope else None)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
         )
@@ -218,7 +232,9 @@ class Llama4:
         top_experts, scores, _ = route(x, ffn.router, self.config.num_experts_per_tok)
         if self.on_route is not None:
             self.on_route(block.index, top_experts, scores)
-        out = swiglu(x, ffn.shared.gate, ffn.shared.up, ffn.shared.down)
+        out = swiglu(x, ffn.shared.gate_up, ffn.shared.down)
+        if x.shape[0] == 1 and top_experts.shape[1] == 1:  # decode, top-1: one expert, no scatter
+            return out + self.experts.get(block.index, int(top_experts))(x * scores)
         for e in top_experts.unique().tolist():
             rows, slots = (top_experts == e).nonzero(as_tuple=True)
             expert = self.experts.get(block.index, e)  # the only place routed weights are touched

@@ -15,6 +15,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1.0 = off; >1 discourages tokens already in the sequence
     seed: int | None = None
     max_tokens: int = 256
+    ignore_eos: bool = False  # keep generating past end-of-turn tokens (benchmarks, tests)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
