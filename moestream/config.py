@@ -80,20 +80,70 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtyp
     return DTYPES[dtype]
 
 
+CPU_EXPERTS = ("auto", "never", "always")
+CACHE_POLICIES = ("lru", "lfu", "predictive")
+CACHE_SPLITS = ("global", "per-layer")
+DEFAULT_CTX = 8192  # the context when -c is not given (capped by the model's maximum)
+
+
+def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise MoestreamError(f"{what} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 @dataclass
 class RuntimeConfig:
+    """Everything a run needs to know; sizes are bytes, None = "no limit / work it out"."""
+
     model: Path = DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
-    ctx_size: int = 0  # tokens; 0 = the model's max_position_embeddings
+    ctx_size: int = 0  # tokens; 0 = min(model maximum, DEFAULT_CTX)
     threads: int = 0  # CPU threads for torch; 0 = torch's default
+    # --- expert offload (placement and budgets) ---
+    gpu_mem: int | None = None  # compute-device budget: resident weights + expert cache + KV
+    cpu_mem: int | None = None  # host RAM for the expert store; the rest of the experts go to disk
+    expert_cache: int | None = None  # bytes of expert-cache slots (default: what gpu_mem leaves)
+    cpu_experts: str = "auto"  # compute a missing expert on the CPU: auto (cost model) | never | always
+    cache_policy: str = "lru"
+    cache_split: str = "global"  # one pool for all layers, or an equal share per MoE layer
+    prefetch: int = 1  # lookahead in MoE layers for speculative prefetch; 0 = off
+    cpu_moe: bool = False  # llama.cpp --cpu-moe: every layer's routed experts stay on (and run on) the CPU
+    n_cpu_moe: int = 0  # llama.cpp --n-cpu-moe N: the first N layers' experts stay on the CPU
+    expert_dir: Path | None = None  # where the repacked disk-tier expert file lives (default: ~/.cache/moestream)
+    repack: bool = True  # False: disk-tier experts are read straight from the checkpoint files
+    record_routing: Path | None = None  # write every token's (layer, expert, score) as JSONL
+
+    @property
+    def offloading(self) -> bool:
+        """Whether any expert budget or placement flag was given (else: every expert resident)."""
+        return any(v is not None for v in (self.gpu_mem, self.cpu_mem, self.expert_cache)) or self.cpu_moe or self.n_cpu_moe > 0
 
     @classmethod
-    def build(cls, path=None, device="auto", dtype="auto", ctx_size=0, threads=0) -> "RuntimeConfig":
+    def build(cls, path=None, device="auto", dtype="auto", ctx_size=0, threads=0, gpu_mem=None, cpu_mem=None,
+              expert_cache=None, cpu_experts="auto", cache_policy="lru", cache_split="global", prefetch=1,
+              cpu_moe=False, n_cpu_moe=0, expert_dir=None, repack=True, record_routing=None) -> "RuntimeConfig":
+        """Parse and check every setting once (sizes, counts, choices); raises MoestreamError."""
+        size = lambda v, what: parse_size(v, what) if v is not None else None  # noqa: E731
+        if int(prefetch) < 0 or int(n_cpu_moe) < 0:
+            raise MoestreamError("--prefetch and --n-cpu-moe must not be negative")
         return cls(
             model=Path(path) if path else DEFAULT_MODEL,
             device=device,
             dtype=dtype,
             ctx_size=parse_count(ctx_size) if ctx_size else 0,
             threads=int(threads or 0),
+            gpu_mem=size(gpu_mem, "--gpu-mem"),
+            cpu_mem=size(cpu_mem, "--cpu-mem"),
+            expert_cache=size(expert_cache, "--expert-cache"),
+            cpu_experts=_choice(cpu_experts, CPU_EXPERTS, "--cpu-experts"),
+            cache_policy=_choice(cache_policy, CACHE_POLICIES, "--cache-policy"),
+            cache_split=_choice(cache_split, CACHE_SPLITS, "--cache-split"),
+            prefetch=int(prefetch),
+            cpu_moe=bool(cpu_moe),
+            n_cpu_moe=int(n_cpu_moe),
+            expert_dir=Path(expert_dir) if expert_dir else None,
+            repack=bool(repack),
+            record_routing=Path(record_routing) if record_routing else None,
         )

@@ -26,6 +26,7 @@ from .model.llama4 import Llama4
 from .model.sampling import SamplingParams, sample
 from .model.tokenizer import Tokenizer
 from .offload.store import ResidentExperts
+from .scheduler.plan import Plan, make_plan
 from .stats import Stats
 
 
@@ -44,15 +45,58 @@ class LLM:
             raise MoestreamError(
                 f"context size {runtime.ctx_size} exceeds this model's maximum of {max_ctx} tokens: use -c {max_ctx} or less"
             )
-        self.ctx_size = runtime.ctx_size or max_ctx
-        self.experts = ResidentExperts(self.checkpoint, self.device, self.dtype)
-        self.model = Llama4.from_checkpoint(self.checkpoint, self.experts, self.device, self.dtype)
+        self.plan: Plan = make_plan(self.config, runtime, self.device, self.dtype)
+        self.ctx_size = self.plan.ctx_size
+        self.model = Llama4.from_checkpoint(self.checkpoint, None, self.device, self.dtype)
+        self.experts = self._place_experts()
+        self.model.experts = self.experts
+        self.recorder = None
+        if runtime.record_routing is not None:
+            from .scheduler.routing import RoutingRecorder
+
+            c = self.config
+            self.recorder = RoutingRecorder(runtime.record_routing, {
+                "model": str(runtime.model), "moe_layers": c.moe_layers, "num_experts": c.num_local_experts,
+                "top_k": c.num_experts_per_tok, "expert_bytes": self.plan.expert_bytes})
+            self.model.on_route = self.recorder
+            prefetcher = getattr(self.experts, "prefetcher", None)
+            if prefetcher is not None:
+                self.recorder.guesses = prefetcher.guess_for
         has_tokenizer = (Path(runtime.model) / "tokenizer.json").exists()
         self.tokenizer = Tokenizer(runtime.model, self.config.eos_token_ids) if has_tokenizer else None
         self.stop_ids = self.tokenizer.stop_ids if self.tokenizer else set(self.config.eos_token_ids)
         self._cache: KVCache | None = None
         self._cache_ids: list[int] = []  # the tokens whose keys/values the cache holds
         self._stats = Stats(load_seconds=time.perf_counter() - t0)
+
+    def _place_experts(self):
+        """Every expert resident (read on first use), or the offload engine the plan calls for."""
+        if self.plan.resident:
+            return ResidentExperts(self.checkpoint, self.device, self.dtype)
+        from .cache.experts import ExpertCache
+        from .offload.engine import OffloadedExperts
+        from .offload.store import ExpertStore
+        from .offload.transfer import TransferEngine
+        from .scheduler.cost import CostModel
+        from .scheduler.prefetch import Prefetcher
+
+        c, rt, plan = self.config, self.runtime, self.plan
+        gpu_layers = [layer for layer in c.moe_layers if layer not in plan.cpu_layers]
+        # CPU-run layers first, so a short --cpu-mem keeps the experts the CPU reads in RAM
+        keys = [(layer, e) for layer in sorted(plan.cpu_layers) + gpu_layers for e in range(c.num_local_experts)]
+        store = ExpertStore(self.checkpoint, keys, plan.host_experts, self.dtype, pin=self.device.type == "cuda",
+                            expert_dir=rt.expert_dir, repack=rt.repack)
+        cache = ExpertCache(plan.cache_slots, c.hidden_size, c.intermediate_size, self.device, self.dtype,
+                            rt.cache_policy, rt.cache_split, gpu_layers)
+        prefetcher = None
+        if rt.prefetch > 0 and cache.slots > 0:
+            routers = {b.index: b.ffn.router for b in self.model.blocks if b.index in gpu_layers}
+            prefetcher = Prefetcher(c.moe_layers, routers, c.num_experts_per_tok, rt.prefetch)
+        cost = None
+        if rt.cpu_experts == "auto" and cache.slots > 0 and store.host_keys:
+            cost = CostModel.calibrate(store.host_experts[0], cache.pool[0], cache.experts[0], self.device)
+        return OffloadedExperts(store, cache, TransferEngine(store, cache, self.device), prefetcher, cost,
+                                rt.cpu_experts, plan.cpu_layers)
 
     @property
     def notes(self) -> list[str]:
@@ -183,19 +227,52 @@ class LLM:
     # --- counters --------------------------------------------------------------------------------
     def stats(self) -> Stats:
         """A snapshot of every counter (a copy: reading it never disturbs the runtime)."""
-        return replace(
+        kv = self._cache.nbytes if self._cache is not None else 0
+        snap = replace(
             self._stats,
             expert_gets=self.experts.gets,
             expert_reads=self.checkpoint.expert_reads,
             expert_bytes_read=self.checkpoint.expert_bytes_read,
-            experts_resident=len(self.experts.experts),
             resident_bytes=self.model.resident_bytes,
-            expert_bytes=self.experts.nbytes,
-            kv_bytes=self._cache.nbytes if self._cache is not None else 0,
+            kv_bytes=kv,
             kv_tokens=len(self._cache_ids),
+            gpu_mem=self.plan.gpu_mem,
         )
+        ex = self.experts
+        if isinstance(ex, ResidentExperts):
+            snap.experts_resident = len(ex.experts)
+            snap.expert_bytes = ex.nbytes
+        else:
+            counters = ex.counters
+            snap = replace(
+                snap, experts_resident=len(ex.cache.slot_of), expert_bytes=ex.cache.nbytes, cache_slots=ex.cache.slots,
+                expert_hits=counters.hits, expert_misses=counters.misses, expert_fetches=counters.fetches,
+                prefetch_issued=counters.prefetch_issued, prefetch_hits=counters.prefetch_hits,
+                prefetch_wasted=counters.prefetch_wasted, cpu_experts=counters.cpu_experts,
+                stall_seconds=counters.stall_seconds, bytes_host_to_device=ex.transfer.bytes_host_to_device,
+                bytes_disk_to_host=ex.transfer.bytes_disk_to_host, host_expert_bytes=ex.store.host_bytes,
+                disk_experts=len(ex.store.disk_keys),
+                prefetch_recall={d: v["recall"] for d, v in ex.prefetcher.summary().items()} if ex.prefetcher else {},
+                prefetch_precision={d: v["precision"] for d, v in ex.prefetcher.summary().items()} if ex.prefetcher else {},
+            )
+        snap.device_bytes = snap.resident_bytes + snap.expert_bytes + kv
+        return snap
+
+    def close(self) -> None:
+        """Finish in-flight copies, stop the copy worker, flush the routing trace."""
+        if hasattr(self.experts, "close"):
+            self.experts.close()
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
 
 
-def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto", ctx_size: int | str = 0, threads: int = 0) -> LLM:
-    """Load a Hugging Face Llama 4 checkpoint directory (None = the embedded default model)."""
-    return LLM(RuntimeConfig.build(path, device, dtype, ctx_size, threads))
+def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto", ctx_size: int | str = 0,
+         threads: int = 0, **offload) -> LLM:
+    """Load a Hugging Face Llama 4 checkpoint directory (None = the embedded default model).
+
+    Offload settings (all optional) are RuntimeConfig's: gpu_mem, cpu_mem, expert_cache (sizes like
+    "40GiB", "512MiB" or bytes), cpu_experts, cache_policy, cache_split, prefetch, cpu_moe,
+    n_cpu_moe, expert_dir, repack, record_routing.
+    """
+    return LLM(RuntimeConfig.build(path, device, dtype, ctx_size, threads, **offload))

@@ -5,7 +5,7 @@ The UI never reaches into a cache or a store: `LLM.stats()` fills a fresh Stats 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -24,11 +24,34 @@ class Stats:
     expert_reads: int = 0  # experts sliced out of the checkpoint files
     expert_bytes_read: int = 0
     experts_resident: int = 0
+    # expert offload (all zero when every expert is resident)
+    cache_slots: int = 0
+    expert_hits: int = 0
+    expert_misses: int = 0
+    expert_fetches: int = 0  # demand copies into the expert cache
+    prefetch_issued: int = 0
+    prefetch_hits: int = 0
+    prefetch_wasted: int = 0
+    cpu_experts: int = 0  # expert runs on the CPU
+    stall_seconds: float = 0.0  # host time blocked on copies / disk reads
+    bytes_host_to_device: int = 0
+    bytes_disk_to_host: int = 0
+    host_expert_bytes: int = 0  # the ExpertStore's host-RAM tier
+    disk_experts: int = 0
+    prefetch_recall: dict = field(default_factory=dict)  # lookahead distance -> recall
+    prefetch_precision: dict = field(default_factory=dict)
     # memory
     resident_bytes: int = 0  # attention, norms, routers, shared/dense MLPs, embeddings, lm_head
-    expert_bytes: int = 0  # routed experts on the compute device
+    expert_bytes: int = 0  # routed experts on the compute device (cache pool or resident experts)
     kv_bytes: int = 0
     kv_tokens: int = 0
+    device_bytes: int = 0  # the runtime's own accounting: resident + experts + KV
+    gpu_mem: int | None = None  # the compute-device budget it must stay within (None = none)
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.expert_hits + self.expert_misses
+        return self.expert_hits / n if n else 0.0
 
     @property
     def prompt_tps(self) -> float:
@@ -40,5 +63,5 @@ class Stats:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["prompt_tps"], d["generation_tps"] = self.prompt_tps, self.generation_tps
+        d["prompt_tps"], d["generation_tps"], d["hit_rate"] = self.prompt_tps, self.generation_tps, self.hit_rate
         return d

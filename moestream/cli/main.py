@@ -16,7 +16,7 @@ from ..errors import MoestreamError
 
 
 def runtime_options(fn):
-    """The model and placement flags, spelled as llama.cpp users know them."""
+    """The model, placement and budget flags, spelled as llama.cpp users know them; one RuntimeConfig."""
 
     @click.option("-m", "--model", "model", type=click.Path(), default=None,
                   help="Hugging Face Llama 4 checkpoint directory (default: the embedded model).")
@@ -24,11 +24,37 @@ def runtime_options(fn):
     @click.option("--dtype", default="auto", show_default=True,
                   help="auto = checkpoint dtype on CUDA, float32 on CPU; or float32, bfloat16, float16.")
     @click.option("-c", "--ctx-size", default="0", show_default=True,
-                  help="Context length in tokens: 4096, 32k (=32,000), 32K (=32,768), 1M. 0 = the model's maximum.")
+                  help="Context length in tokens: 4096, 32k (=32,000), 32K (=32,768), 1M. "
+                       "0 = the model's maximum, at most 8192.")
     @click.option("-t", "--threads", type=int, default=0, help="CPU threads (0 = torch's default).")
+    @click.option("--gpu-mem", default=None, help="Compute-device budget: resident weights + KV + expert cache "
+                  "(40GiB, 40GB, 512MiB, bytes). Default: 90%% of free GPU memory; no limit on CPU.")
+    @click.option("--cpu-mem", default=None, help="Host RAM for routed experts; the rest go to a repacked file "
+                  "on disk. Default: 80%% of available RAM.")
+    @click.option("--expert-cache", default=None, help="Bytes of expert-cache slots on the device "
+                  "(default: what --gpu-mem leaves).")
+    @click.option("--cpu-experts", type=click.Choice(["auto", "never", "always"]), default="auto", show_default=True,
+                  help="Run a missing expert on the CPU instead of fetching it: auto = measured cost model.")
+    @click.option("--cache-policy", type=click.Choice(["lru", "lfu", "predictive"]), default="lru", show_default=True)
+    @click.option("--cache-split", type=click.Choice(["global", "per-layer"]), default="global", show_default=True,
+                  help="One slot pool for all layers, or an equal share per MoE layer.")
+    @click.option("--prefetch", type=int, default=1, show_default=True,
+                  help="Lookahead in MoE layers for speculative expert prefetch; 0 = off.")
+    @click.option("--cpu-moe", is_flag=True, help="Keep every layer's routed experts on the CPU and run them there.")
+    @click.option("--n-cpu-moe", type=int, default=0, help="Keep the experts of the first N layers on the CPU.")
+    @click.option("--expert-dir", type=click.Path(), default=None,
+                  help="Where the repacked disk-tier expert file lives (default: ~/.cache/moestream).")
+    @click.option("--no-repack", is_flag=True, help="Read disk-tier experts straight from the checkpoint files.")
+    @click.option("--record-routing", type=click.Path(dir_okay=False), default=None,
+                  help="Write every token's (layer, expert, score) to FILE as JSONL.")
     @functools.wraps(fn)
-    def wrapper(*args, model, device, dtype, ctx_size, threads, **kwargs):
-        runtime = RuntimeConfig.build(model, device, dtype, ctx_size if ctx_size != "0" else 0, threads)
+    def wrapper(*args, model, device, dtype, ctx_size, threads, gpu_mem, cpu_mem, expert_cache, cpu_experts,
+                cache_policy, cache_split, prefetch, cpu_moe, n_cpu_moe, expert_dir, no_repack, record_routing, **kwargs):
+        runtime = RuntimeConfig.build(
+            model, device, dtype, ctx_size if ctx_size != "0" else 0, threads, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
+            expert_cache=expert_cache, cpu_experts=cpu_experts, cache_policy=cache_policy, cache_split=cache_split,
+            prefetch=prefetch, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, expert_dir=expert_dir, repack=not no_repack,
+            record_routing=record_routing)
         return fn(*args, runtime=runtime, **kwargs)
 
     return wrapper
@@ -76,10 +102,14 @@ def load_llm(runtime: RuntimeConfig):
     from ..llm import LLM
 
     llm = LLM(runtime)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(llm.close)  # finish copies, flush the routing trace
     for note in llm.notes:
         click.echo(f"note: {note}", err=True)
     return llm
 
 
-from . import chat as _chat  # noqa: E402,F401  (registers the commands)
+from . import bench as _bench  # noqa: E402,F401  (registers the commands)
+from . import chat as _chat  # noqa: E402,F401
 from . import generate as _generate  # noqa: E402,F401

@@ -13,6 +13,7 @@ materialises a whole layer's experts.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,13 @@ class TensorInfo:
     key: str  # the name inside the shard file (with its original prefix)
     dtype: str
     shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the tensor's data in the shard file
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """Parse a safetensors header and check that the file holds every byte it promises."""
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Parse a safetensors header and check that the file holds every byte it promises.
+
+    Returns (tensor entries, absolute offset where the data section starts)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -65,7 +69,7 @@ def read_safetensors_header(path: Path) -> dict:
         raise MoestreamError(
             f"{path.name} is truncated: {size} bytes on disk, its header needs {need}; re-download it"
         )
-    return header
+    return header, 8 + n
 
 
 def text_name(key: str) -> str | None:
@@ -93,6 +97,7 @@ class Checkpoint:
         self.notes: list[str] = []  # one-line remarks for the user (e.g. ignored vision weights)
         self.tensors: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
         self.expert_reads = 0  # experts sliced out of the files: proves laziness in tests
         self.expert_bytes_read = 0
         self._index_files()
@@ -129,12 +134,14 @@ class Checkpoint:
 
         vision = 0
         for f in files:
-            for key, meta in read_safetensors_header(f).items():
+            header, data_start = read_safetensors_header(f)
+            for key, meta in header.items():
                 name = text_name(key)
                 if name is None:
                     vision += 1
                     continue
-                self.tensors[name] = TensorInfo(f, key, meta["dtype"], tuple(meta["shape"]))
+                offset = data_start + meta["data_offsets"][0]
+                self.tensors[name] = TensorInfo(f, key, meta["dtype"], tuple(meta["shape"]), offset)
         if vision:
             self.notes.append(f"ignoring {vision} vision-tower tensors (moestream runs the text model only)")
 
@@ -143,11 +150,16 @@ class Checkpoint:
 
     # --- validation ----------------------------------------------------------------------------
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        c = self.config
+        lm_head = not self.config.tie_word_embeddings or "lm_head.weight" in self.tensors
+        return self.expected_shapes_for(self.config, self.per_expert_keys, lm_head)
+
+    @staticmethod
+    def expected_shapes_for(c: ModelConfig, per_expert_keys: bool = False, lm_head: bool = True) -> dict[str, tuple[int, ...]]:
+        """Every text tensor a checkpoint of config `c` must hold, with its shape."""
         D, F, Fm, E = c.hidden_size, c.intermediate_size, c.intermediate_size_mlp, c.num_local_experts
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         shapes = {"model.embed_tokens.weight": (c.vocab_size, D), "model.norm.weight": (D,)}
-        if not c.tie_word_embeddings or "lm_head.weight" in self.tensors:
+        if lm_head:
             shapes["lm_head.weight"] = (c.vocab_size, D)
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
@@ -167,7 +179,7 @@ class Checkpoint:
                     f + "shared_expert.up_proj.weight": (F, D),
                     f + "shared_expert.down_proj.weight": (D, F),
                 }
-                if self.per_expert_keys:
+                if per_expert_keys:
                     for e in range(E):
                         shapes |= {
                             f + f"experts.{e}.gate_proj.weight": (F, D),
@@ -238,6 +250,43 @@ class Checkpoint:
         self.expert_reads += 1
         self.expert_bytes_read += gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
         return gate_up, down
+
+    def read_expert_into(self, layer: int, e: int, out: torch.Tensor) -> None:
+        """Fill a flat host buffer with one packed expert [gate_up | down] (the ExpertStore's layout).
+
+        With the fused layout and matching dtype this is two positioned reads straight into `out`:
+        no memory map, no temporary, so filling the host tier never holds a second copy.
+        """
+        f = f"model.layers.{layer}.feed_forward.experts."
+        parts = [self.tensors.get(f + "gate_up_proj"), self.tensors.get(f + "down_proj")]
+        if self.per_expert_keys or out.device.type != "cpu" or out.dtype != SAFETENSORS_DTYPES[parts[0].dtype]:
+            gate_up, down = self.read_expert(layer, e)
+            out[:gate_up.numel()].copy_(gate_up.flatten())
+            out[gate_up.numel():].copy_(down.flatten())
+            return
+        dest = out.view(torch.uint8).numpy()
+        pos = 0
+        for info in parts:
+            nbytes = int(torch.Size(info.shape[1:]).numel()) * out.element_size()
+            fd = self._fds.get(info.shard)
+            if fd is None:
+                fd = self._fds[info.shard] = os.open(info.shard, os.O_RDONLY)
+            got = os.preadv(fd, [memoryview(dest[pos:pos + nbytes])], info.offset + e * nbytes)
+            if got != nbytes:
+                raise MoestreamError(f"{info.shard.name} ended early while reading expert {e} of layer {layer}: re-download it")
+            pos += nbytes
+        self.expert_reads += 1
+        self.expert_bytes_read += pos
+
+    def fingerprint(self) -> str:
+        """Identifies these exact weight files (names, sizes, modification times)."""
+        import hashlib
+
+        h = hashlib.sha1(str(self.path.resolve()).encode())
+        for shard in sorted({t.shard for t in self.tensors.values()}):
+            st = shard.stat()
+            h.update(f"{shard.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
 
     @property
     def dtype(self) -> torch.dtype:

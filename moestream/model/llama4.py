@@ -232,10 +232,12 @@ class Llama4:
         top_experts, scores, _ = route(x, ffn.router, self.config.num_experts_per_tok)
         if self.on_route is not None:
             self.on_route(block.index, top_experts, scores)
+        wanted = top_experts.unique().tolist()
+        self.experts.prepare(block.index, wanted, x)  # lets offloading start every copy before compute
         out = swiglu(x, ffn.shared.gate_up, ffn.shared.down)
-        if x.shape[0] == 1 and top_experts.shape[1] == 1:  # decode, top-1: one expert, no scatter
-            return out + self.experts.get(block.index, int(top_experts))(x * scores)
-        for e in top_experts.unique().tolist():
+        if x.shape[0] == 1 and len(wanted) == 1:  # decode, top-1: one expert, no scatter
+            return out + self.experts.get(block.index, wanted[0])(x * scores)
+        for e in wanted:
             rows, slots = (top_experts == e).nonzero(as_tuple=True)
             expert = self.experts.get(block.index, e)  # the only place routed weights are touched
             out.index_add_(0, rows, expert(x[rows] * scores[rows, slots, None]))

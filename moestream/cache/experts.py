@@ -1,0 +1,212 @@
+"""ExpertCache: slots on the compute device holding packed experts, and the policies that evict.
+
+A slot is one row of a single pool tensor, so an expert fetch is one copy into one row. Capacity is
+either one pool shared by all layers ("global") or an equal share per MoE layer ("per-layer").
+
+Policies choose the victim among the unprotected residents of a slot group:
+- LRU: least recently used.
+- LFU: least often used over the whole run (ties: least recent).
+- predictive: aims at Belady's MIN (evict the expert whose next use is farthest). With one
+  expert per layer per token, an expert of layer l is next needed when the forward pass comes
+  back to layer l, if that token picks it: expected distance = layers until l comes round +
+  n_layers * (1/p - 1), with p its recent pick rate in layer l; experts the prefetcher predicted for
+  the coming layers are due when their layer comes. Exact MIN needs the future: `belady`
+  computes it offline for a recorded trace, the bound every policy is measured against.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from ..offload.store import PackedExpert
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class LRU:
+    name = "lru"
+
+    def __init__(self, moe_layers: list[int]):
+        self.last: dict[Key, int] = {}
+        self.clock = 0
+
+    def observe(self, layer: int, wanted: list[int]) -> None:
+        """Every layer's routing, hit or miss (frequency-aware policies learn from it)."""
+
+    def predicted(self, keys: dict[Key, int]) -> None:
+        """Experts the prefetcher expects, with their distance in layers."""
+
+    def touch(self, key: Key) -> None:
+        self.clock += 1
+        self.last[key] = self.clock
+
+    def forget(self, key: Key) -> None:
+        self.last.pop(key, None)
+
+    def victim(self, candidates: list[Key]) -> Key:
+        return min(candidates, key=lambda k: self.last.get(k, 0))
+
+
+class LFU(LRU):
+    name = "lfu"
+
+    def __init__(self, moe_layers: list[int]):
+        super().__init__(moe_layers)
+        self.count: dict[Key, int] = defaultdict(int)
+
+    def touch(self, key: Key) -> None:
+        super().touch(key)
+        self.count[key] += 1
+
+    def victim(self, candidates: list[Key]) -> Key:
+        return min(candidates, key=lambda k: (self.count[k], self.last.get(k, 0)))
+
+
+class Predictive(LRU):
+    name = "predictive"
+    DECAY = 0.98  # pick-rate memory: about the last 50 tokens
+
+    def __init__(self, moe_layers: list[int]):
+        super().__init__(moe_layers)
+        self.order = {layer: i for i, layer in enumerate(moe_layers)}
+        self.n = len(moe_layers)
+        self.rate: dict[int, dict[int, float]] = defaultdict(dict)  # layer -> expert -> pick rate
+        self.now = 0  # position (index into moe_layers) of the layer being computed
+        self.expected: dict[Key, int] = {}
+
+    def observe(self, layer: int, wanted: list[int]) -> None:
+        self.now = self.order[layer]
+        rates = self.rate[layer]
+        for e in rates:
+            rates[e] *= self.DECAY
+        share = (1 - self.DECAY) / max(1, len(wanted))
+        for e in wanted:
+            rates[e] = rates.get(e, 0.0) + share
+        self.expected = {}
+
+    def predicted(self, keys: dict[Key, int]) -> None:
+        self.expected.update(keys)
+
+    def next_use(self, key: Key) -> float:
+        ahead = (self.order[key[0]] - self.now - 1) % self.n + 1  # layers until key's layer comes round
+        if key in self.expected:
+            return self.expected[key]
+        p = self.rate[key[0]].get(key[1], 0.0)
+        return ahead + self.n * (1.0 / p - 1.0) if p > 1e-6 else float("inf")
+
+    def victim(self, candidates: list[Key]) -> Key:
+        return max(candidates, key=lambda k: (self.next_use(k), -self.last.get(k, 0)))
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "predictive": Predictive}
+
+
+class ExpertCache:
+    """`slots` packed experts on the compute device; which expert sits where; who goes next."""
+
+    def __init__(self, slots: int, hidden: int, inter: int, device, dtype, policy: str, split: str,
+                 moe_layers: list[int]):
+        self.numel = 3 * hidden * inter
+        self.pool = torch.empty(slots, self.numel, device=device, dtype=dtype)
+        self.experts = [PackedExpert(self.pool[i], hidden, inter) for i in range(slots)]
+        self.slot_of: dict[Key, int] = {}
+        self.key_of: list[Key | None] = [None] * slots
+        self.policy = POLICIES[policy](moe_layers)
+        if split == "per-layer" and moe_layers:
+            share = slots // len(moe_layers)
+            self.groups = {layer: list(range(i * share, (i + 1) * share)) for i, layer in enumerate(moe_layers)}
+        else:
+            self.groups = {layer: list(range(slots)) for layer in moe_layers}
+        self.evictions = 0
+
+    @property
+    def slots(self) -> int:
+        return len(self.key_of)
+
+    @property
+    def nbytes(self) -> int:
+        return self.pool.numel() * self.pool.element_size()
+
+    def lookup(self, key: Key) -> int | None:
+        return self.slot_of.get(key)
+
+    def assign(self, key: Key, protect: set[Key]) -> tuple[int | None, Key | None]:
+        """(slot, evicted key) for `key`: a free slot of its group, else the policy's victim outside
+        `protect`; (None, None) when every candidate is protected."""
+        group = self.groups.get(key[0], [])
+        free = [s for s in group if self.key_of[s] is None]
+        victim = None
+        if free:
+            slot = free[0]
+        else:
+            candidates = [self.key_of[s] for s in group if self.key_of[s] not in protect]
+            if not candidates:
+                return None, None
+            victim = self.policy.victim(candidates)
+            slot = self.slot_of.pop(victim)
+            self.policy.forget(victim)
+            self.evictions += 1
+        self.key_of[slot] = key
+        self.slot_of[key] = slot
+        return slot, victim
+
+    def release(self, key: Key) -> None:
+        """Give a slot back (a fetch that was abandoned)."""
+        slot = self.slot_of.pop(key, None)
+        if slot is not None:
+            self.key_of[slot] = None
+            self.policy.forget(key)
+
+
+# --- offline analysis of a recorded access sequence ---------------------------------------------
+def belady(accesses: list[Key], slots: int, groups: dict[int, int] | None = None) -> list[bool]:
+    """Hit (True) or miss of every access under Belady's MIN: on a miss with a full cache, evict the
+    resident used farthest ahead.
+
+    `groups` maps layer -> slot-group id for a per-layer split (each group has `slots` slots);
+    None = one global pool. Optimal among all demand-fetch policies with the same capacity.
+    """
+    n = len(accesses)
+    next_use = [n] * n
+    seen: dict[Key, int] = {}
+    for i in range(n - 1, -1, -1):
+        next_use[i] = seen.get(accesses[i], n + i)  # never again: farther than anything else
+        seen[accesses[i]] = i
+    resident: dict[int, dict[Key, int]] = defaultdict(dict)  # group -> key -> its next use
+    hits = []
+    for i, key in enumerate(accesses):
+        g = groups[key[0]] if groups else 0
+        cache = resident[g]
+        hits.append(key in cache)
+        if not hits[-1] and len(cache) >= slots:
+            if slots == 0:
+                continue
+            del cache[max(cache, key=cache.get)]
+        if slots:
+            cache[key] = next_use[i]
+    return hits
+
+
+def simulate(accesses: list[Key], slots: int, policy: str, moe_layers: list[int],
+             groups: dict[int, int] | None = None, predictions: list[dict[Key, int]] | None = None) -> list[bool]:
+    """Hit or miss of every access under an online policy (demand fetch, same capacity as MIN)."""
+    pol = POLICIES[policy](moe_layers)
+    resident: dict[int, set[Key]] = defaultdict(set)
+    hits = []
+    for i, key in enumerate(accesses):
+        pol.observe(key[0], [key[1]])
+        if predictions is not None:
+            pol.predicted(predictions[i])
+        g = groups[key[0]] if groups else 0
+        cache = resident[g]
+        hits.append(key in cache)
+        if not hits[-1] and slots:
+            if len(cache) >= slots:
+                victim = pol.victim(list(cache))
+                cache.discard(victim)
+                pol.forget(victim)
+            cache.add(key)
+        pol.touch(key)
+    return hits

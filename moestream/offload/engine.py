@@ -1,0 +1,168 @@
+"""OffloadedExperts: what `experts.prepare / get` means when experts do not all fit the device.
+
+For each MoE layer step, in order:
+1. score the prefetcher's earlier guesses for this layer, let the cache policy learn the routing;
+2. decide every wanted expert: a cache hit (waiting only for its own copy if it is still in flight),
+   a fetch into a slot (demand priority), or - for --cpu-moe layers, a full cache, or when the
+   cost model says so - a run on the CPU from host RAM;
+3. for a single-token step, guess the next layers' experts and start their copies (prefetch
+   priority), never evicting an expert this layer needs or one just prefetched;
+then `get` hands the model a callable expert: device weights, or a CPU twin that moves only the
+tokens' activations across the bus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache.experts import ExpertCache
+from ..scheduler.cost import CostModel
+from ..scheduler.prefetch import Prefetcher
+from .store import ExpertStore, PackedExpert
+from .transfer import Ticket, TransferEngine
+
+
+@dataclass
+class OffloadCounters:
+    hits: int = 0  # wanted experts found in the cache
+    misses: int = 0
+    fetches: int = 0  # demand copies into the cache
+    prefetch_issued: int = 0
+    prefetch_hits: int = 0  # wanted experts that were in the cache thanks to a prefetch
+    prefetch_wasted: int = 0  # prefetched experts evicted before any use
+    cpu_experts: int = 0  # expert runs on the CPU
+    stall_seconds: float = 0.0  # host time blocked waiting for copies or disk reads
+
+
+DEFERRED = object()  # a fetch that waits for a slot to be released within the same step
+
+
+class CPUExpert:
+    """Runs an expert from host RAM: only the tokens' activations move between devices."""
+
+    __slots__ = ("expert",)
+
+    def __init__(self, expert: PackedExpert):
+        self.expert = expert
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.expert(x.to("cpu", self.expert.buffer.dtype))
+        return y.to(x.device, x.dtype)
+
+
+class OffloadedExperts:
+    def __init__(self, store: ExpertStore, cache: ExpertCache, transfer: TransferEngine,
+                 prefetcher: Prefetcher | None, cost: CostModel | None, cpu_experts: str, cpu_layers: frozenset[int]):
+        self.store, self.cache, self.transfer = store, cache, transfer
+        self.prefetcher, self.cost = prefetcher, cost
+        self.cpu_experts, self.cpu_layers = cpu_experts, cpu_layers
+        self.counters = OffloadCounters()
+        self.inflight: dict[tuple[int, int], Ticket] = {}
+        self.unused_prefetch: set[tuple[int, int]] = set()  # prefetched, not yet wanted
+        self.decided: dict[int, object] = {}  # expert -> slot index, CPUExpert or DEFERRED, for the current layer
+        self.pending: set[tuple[int, int]] = set()  # this layer's experts not yet handed to the model
+        self.gets = 0
+
+    # --- the seam the model calls ----------------------------------------------------------------
+    def prepare(self, layer: int, wanted: list[int], h: torch.Tensor) -> None:
+        c, tokens = self.counters, h.shape[0]
+        if self.prefetcher is not None:
+            self.prefetcher.score(layer, wanted)
+        self.cache.policy.observe(layer, wanted)
+        protect = self.pending = {(layer, e) for e in wanted}
+        self.decided = {}
+        for e in wanted:
+            key = (layer, e)
+            if layer in self.cpu_layers:
+                self.decided[e] = self._on_cpu(key)
+                continue
+            slot = self.cache.lookup(key)
+            if slot is not None:
+                c.hits += 1
+                if key in self.unused_prefetch:
+                    self.unused_prefetch.discard(key)
+                    c.prefetch_hits += 1
+                self.cache.policy.touch(key)
+                self.decided[e] = slot
+                continue
+            c.misses += 1
+            if self.cpu_experts == "always" or (
+                self.cpu_experts == "auto" and self.cost is not None and self.cost.prefer_cpu(tokens)
+            ):
+                self.decided[e] = self._on_cpu(key)
+                continue
+            slot = self._claim(key, protect)
+            if slot is None:  # every slot holds an expert this step needs
+                # --cpu-experts never: wait until earlier experts of this step are done with their slots
+                self.decided[e] = DEFERRED if self.cpu_experts == "never" else self._on_cpu(key)
+                continue
+            self.inflight[key] = self.transfer.fetch(key, slot)
+            c.fetches += 1
+            self.cache.policy.touch(key)
+            self.decided[e] = slot
+        if self.prefetcher is not None and tokens == 1:
+            self._prefetch(layer, h, protect)
+
+    def get(self, layer: int, e: int):
+        self.gets += 1
+        key = (layer, e)
+        self.pending.discard(key)
+        decision = self.decided[e]
+        if isinstance(decision, CPUExpert):
+            return decision
+        if decision is DEFERRED:  # the experts already computed this step may give up their slots now
+            decision = self._claim(key, self.pending | {key})
+            self.inflight[key] = self.transfer.fetch(key, decision)
+            self.counters.fetches += 1
+            self.cache.policy.touch(key)
+        ticket = self.inflight.pop(key, None)
+        if ticket is not None:
+            self.counters.stall_seconds += ticket.wait()
+        return self.cache.experts[decision]
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def _claim(self, key, protect: set) -> int | None:
+        slot, victim = self.cache.assign(key, protect)
+        if victim is not None:
+            old = self.inflight.pop(victim, None)
+            if old is not None:  # its copy must land before the slot is overwritten
+                old.wait()
+            if victim in self.unused_prefetch:
+                self.unused_prefetch.discard(victim)
+                self.counters.prefetch_wasted += 1
+        return slot
+
+    def _on_cpu(self, key) -> CPUExpert:
+        self.counters.cpu_experts += 1
+        if self.store.tier(key) == "host":
+            return CPUExpert(self.store.host_expert(key))
+        buffer = torch.empty(self.store.numel, dtype=self.store.dtype)
+        self.transfer.bytes_disk_to_host += self.store.read_into(key, buffer)
+        return CPUExpert(PackedExpert(buffer, self.store.hidden, self.store.inter))
+
+    def _prefetch(self, layer: int, h: torch.Tensor, protect: set) -> None:
+        guesses = self.prefetcher.predict(layer, h)
+        self.cache.policy.predicted({(t, e): d for t, d, experts in guesses for e in experts})
+        protect = set(protect) | {(t, e) for t, _, experts in guesses for e in experts}
+        for target, _, experts in guesses:
+            if target in self.cpu_layers:
+                continue
+            for e in experts:
+                key = (target, e)
+                if self.cache.lookup(key) is not None:
+                    continue
+                slot = self._claim(key, protect)
+                if slot is None:
+                    return
+                self.inflight[key] = self.transfer.fetch(key, slot, prefetch=True)
+                self.unused_prefetch.add(key)
+                self.counters.prefetch_issued += 1
+                self.cache.policy.touch(key)
+
+    def close(self) -> None:
+        for ticket in self.inflight.values():
+            ticket.wait()
+        self.inflight.clear()
+        self.transfer.close()

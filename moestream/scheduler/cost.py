@@ -1,0 +1,65 @@
+"""CostModel: for an expert that is not in the cache, is it cheaper to fetch it or to run it on the CPU?
+
+Fetch = expert bytes / link bandwidth + compute on the device; CPU = compute from host RAM (only the
+tokens' activations cross the bus). Both are measured at start-up on this machine with the real
+expert shapes, as a fixed cost plus a per-token cost, so the answer changes with the step size:
+a decoded token's miss often runs best on the CPU, a prefill micro-batch's never does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..offload.store import PackedExpert
+
+
+def _timed(fn, device: torch.device, repeats: int = 5) -> float:
+    """Best-of-N seconds of fn() (synchronised on CUDA)."""
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@dataclass
+class CostModel:
+    link_bytes_per_s: float  # host store -> cache slot
+    expert_bytes: int
+    cpu_fixed: float  # seconds for one expert on the CPU: fixed + per_token * T
+    cpu_per_token: float
+    device_fixed: float
+    device_per_token: float
+
+    def fetch_seconds(self, tokens: int) -> float:
+        return self.expert_bytes / self.link_bytes_per_s + self.device_fixed + self.device_per_token * tokens
+
+    def cpu_seconds(self, tokens: int) -> float:
+        return self.cpu_fixed + self.cpu_per_token * tokens
+
+    def prefer_cpu(self, tokens: int) -> bool:
+        return self.cpu_seconds(tokens) < self.fetch_seconds(tokens)
+
+    @classmethod
+    def calibrate(cls, host_expert: PackedExpert, slot: torch.Tensor, slot_expert: PackedExpert,
+                  device: torch.device) -> "CostModel":
+        """Measure one copy and expert compute at 1 and 32 tokens, on both sides."""
+        src = host_expert.buffer
+        nbytes = src.numel() * src.element_size()
+        copy = _timed(lambda: slot.copy_(src, non_blocking=True), device)
+        hidden = host_expert.down.shape[1]
+        timings = []
+        for expert, dev in ((host_expert, torch.device("cpu")), (slot_expert, device)):
+            t1 = _timed(lambda: expert(torch.randn(1, hidden, dtype=src.dtype, device=dev)), dev)
+            t32 = _timed(lambda: expert(torch.randn(32, hidden, dtype=src.dtype, device=dev)), dev)
+            per_token = max(0.0, (t32 - t1) / 31)
+            timings += [max(0.0, t1 - per_token), per_token]
+        return cls(nbytes / max(copy, 1e-9), nbytes, *timings)

@@ -1,0 +1,84 @@
+"""Routing traces: every token's (layer, experts, scores), written as JSONL, read back for replay.
+
+Format (one JSON object per line, no pickle):
+  line 1:  {"format": "moestream-routing/1", "model": NAME, "moe_layers": [...], "num_experts": E,
+            "top_k": K, "expert_bytes": BYTES}
+  then:    {"step": S, "layer": L, "experts": [[e, ...] per token], "scores": [[s, ...] per token],
+            "predicted": [e, ...]}   <- the prefetcher's guess for this layer one MoE layer earlier
+                                        (present when the run had a prefetcher)
+A step is one forward pass (a whole prompt chunk, or one decoded token); records of a step come in
+layer order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import MoestreamError
+
+FORMAT = "moestream-routing/1"
+
+
+class RoutingRecorder:
+    """The model's on_route hook, appending records to a JSONL file."""
+
+    def __init__(self, path: Path, meta: dict):
+        try:
+            self.file = open(path, "w", encoding="utf-8")
+        except OSError as e:
+            raise MoestreamError(f"cannot write the routing trace {path}: {e.strerror}") from None
+        self.file.write(json.dumps({"format": FORMAT, **meta}) + "\n")
+        self.step, self.last_layer = 0, None
+        self.guesses = None  # optional callable(layer) -> the prefetcher's distance-1 guess for it
+        self.first_layer = min(meta["moe_layers"]) if meta["moe_layers"] else 0
+
+    def __call__(self, layer: int, experts: torch.Tensor, scores: torch.Tensor) -> None:
+        if layer == self.first_layer and self.last_layer is not None:
+            self.step += 1
+        self.last_layer = layer
+        rec = {"step": self.step, "layer": layer, "experts": experts.tolist(),
+               "scores": [[round(float(v), 5) for v in row] for row in scores.float().tolist()]}
+        guess = self.guesses(layer) if self.guesses is not None else None
+        if guess is not None:
+            rec["predicted"] = guess
+        self.file.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class Trace:
+    meta: dict
+    records: list[dict]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens processed: the token count of each step, taken at its first layer."""
+        first = min(self.meta["moe_layers"])
+        return sum(len(r["experts"]) for r in self.records if r["layer"] == first)
+
+    def accesses(self) -> list[tuple[int, int]]:
+        """The expert-cache access sequence: each step's distinct experts per layer, in order of use."""
+        out = []
+        for r in self.records:
+            seen = dict.fromkeys(e for row in r["experts"] for e in row)
+            out += [(r["layer"], e) for e in seen]
+        return out
+
+
+def load_trace(path: str | Path) -> Trace:
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        meta = json.loads(lines[0])
+        records = [json.loads(line) for line in lines[1:] if line.strip()]
+    except (OSError, IndexError, ValueError, UnicodeDecodeError) as e:
+        raise MoestreamError(f"cannot read routing trace {path}: {getattr(e, 'strerror', None) or e}") from None
+    if meta.get("format") != FORMAT:
+        raise MoestreamError(f"{path} is not a moestream routing trace (expected format {FORMAT})")
+    return Trace(meta, records)
