@@ -82,7 +82,7 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtyp
 
 CPU_EXPERTS = ("auto", "never", "always")
 CACHE_POLICIES = ("lru", "lfu", "predictive")
-CACHE_SPLITS = ("global", "per-layer")
+CACHE_SPLITS = ("auto", "global", "per-layer")
 DEFAULT_CTX = 8192  # the context when -c is not given (capped by the model's maximum)
 
 
@@ -106,8 +106,8 @@ class RuntimeConfig:
     cpu_mem: int | None = None  # host RAM for the expert store; the rest of the experts go to disk
     expert_cache: int | None = None  # bytes of expert-cache slots (default: what gpu_mem leaves)
     cpu_experts: str = "auto"  # compute a missing expert on the CPU: auto (cost model) | never | always
-    cache_policy: str = "lru"
-    cache_split: str = "global"  # one pool for all layers, or an equal share per MoE layer
+    cache_policy: str = "lfu"  # measured best against Belady's MIN on recorded traces (README)
+    cache_split: str = "auto"  # per-layer shares when every layer gets a slot (measured better), else global
     prefetch: int = 1  # lookahead in MoE layers for speculative prefetch; 0 = off
     cpu_moe: bool = False  # llama.cpp --cpu-moe: every layer's routed experts stay on (and run on) the CPU
     n_cpu_moe: int = 0  # llama.cpp --n-cpu-moe N: the first N layers' experts stay on the CPU
@@ -122,7 +122,7 @@ class RuntimeConfig:
 
     @classmethod
     def build(cls, path=None, device="auto", dtype="auto", ctx_size=0, threads=0, gpu_mem=None, cpu_mem=None,
-              expert_cache=None, cpu_experts="auto", cache_policy="lru", cache_split="global", prefetch=1,
+              expert_cache=None, cpu_experts="auto", cache_policy="lfu", cache_split="auto", prefetch=1,
               cpu_moe=False, n_cpu_moe=0, expert_dir=None, repack=True, record_routing=None) -> "RuntimeConfig":
         """Parse and check every setting once (sizes, counts, choices); raises MoestreamError."""
         size = lambda v, what: parse_size(v, what) if v is not None else None  # noqa: E731

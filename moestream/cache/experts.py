@@ -114,9 +114,15 @@ class ExpertCache:
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * slots
         self.policy = POLICIES[policy](moe_layers)
-        if split == "per-layer" and moe_layers:
-            share = slots // len(moe_layers)
-            self.groups = {layer: list(range(i * share, (i + 1) * share)) for i, layer in enumerate(moe_layers)}
+        if split == "auto":
+            split = "per-layer" if moe_layers and slots >= len(moe_layers) else "global"
+        self.split = split
+        if split == "per-layer" and moe_layers:  # an equal share each; the remainder to the first layers
+            share, extra = divmod(slots, len(moe_layers))
+            bounds = [0]
+            for i in range(len(moe_layers)):
+                bounds.append(bounds[-1] + share + (i < extra))
+            self.groups = {layer: list(range(bounds[i], bounds[i + 1])) for i, layer in enumerate(moe_layers)}
         else:
             self.groups = {layer: list(range(slots)) for layer in moe_layers}
         self.evictions = 0

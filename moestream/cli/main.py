@@ -35,9 +35,11 @@ def runtime_options(fn):
                   "(default: what --gpu-mem leaves).")
     @click.option("--cpu-experts", type=click.Choice(["auto", "never", "always"]), default="auto", show_default=True,
                   help="Run a missing expert on the CPU instead of fetching it: auto = measured cost model.")
-    @click.option("--cache-policy", type=click.Choice(["lru", "lfu", "predictive"]), default="lru", show_default=True)
-    @click.option("--cache-split", type=click.Choice(["global", "per-layer"]), default="global", show_default=True,
-                  help="One slot pool for all layers, or an equal share per MoE layer.")
+    @click.option("--cache-policy", type=click.Choice(["lru", "lfu", "predictive"]), default="lfu", show_default=True,
+                  help="Expert-cache eviction policy.")
+    @click.option("--cache-split", type=click.Choice(["auto", "global", "per-layer"]), default="auto", show_default=True,
+                  help="One slot pool for all layers, or an equal share per MoE layer; auto = per-layer when "
+                       "every layer gets a slot.")
     @click.option("--prefetch", type=int, default=1, show_default=True,
                   help="Lookahead in MoE layers for speculative expert prefetch; 0 = off.")
     @click.option("--cpu-moe", is_flag=True, help="Keep every layer's routed experts on the CPU and run them there.")

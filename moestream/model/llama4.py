@@ -232,8 +232,9 @@ class Llama4:
         top_experts, scores, _ = route(x, ffn.router, self.config.num_experts_per_tok)
         if self.on_route is not None:
             self.on_route(block.index, top_experts, scores)
-        wanted = top_experts.unique().tolist()
-        self.experts.prepare(block.index, wanted, x)  # lets offloading start every copy before compute
+        # tell the expert source everything this step needs first: it starts every copy, and answers
+        # with the order to compute in (experts already in place first)
+        wanted = self.experts.prepare(block.index, top_experts.unique().tolist(), x)
         out = swiglu(x, ffn.shared.gate_up, ffn.shared.down)
         if x.shape[0] == 1 and len(wanted) == 1:  # decode, top-1: one expert, no scatter
             return out + self.experts.get(block.index, wanted[0])(x * scores)

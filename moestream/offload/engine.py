@@ -66,7 +66,9 @@ class OffloadedExperts:
         self.gets = 0
 
     # --- the seam the model calls ----------------------------------------------------------------
-    def prepare(self, layer: int, wanted: list[int], h: torch.Tensor) -> None:
+    def prepare(self, layer: int, wanted: list[int], h: torch.Tensor) -> list[int]:
+        """Decide and start everything this layer step needs; returns the order to compute in
+        (deferred fetches last, so the experts computed before them free their slots)."""
         c, tokens = self.counters, h.shape[0]
         if self.prefetcher is not None:
             self.prefetcher.score(layer, wanted)
@@ -104,6 +106,7 @@ class OffloadedExperts:
             self.decided[e] = slot
         if self.prefetcher is not None and tokens == 1:
             self._prefetch(layer, h, protect)
+        return sorted(wanted, key=lambda e: self.decided[e] is DEFERRED)
 
     def get(self, layer: int, e: int):
         self.gets += 1

@@ -68,8 +68,10 @@ class ResidentExperts:
         self.experts: dict[tuple[int, int], PackedExpert] = {}
         self.gets = 0  # calls through the narrow interface
 
-    def prepare(self, layer: int, wanted: list[int], h: torch.Tensor) -> None:
-        """Told every expert of a layer's step before any is computed; nothing to plan when resident."""
+    def prepare(self, layer: int, wanted: list[int], h: torch.Tensor) -> list[int]:
+        """Told every expert of a layer's step before any is computed; returns the order to compute
+        them in. Nothing to plan when every expert is resident."""
+        return wanted
 
     def get(self, layer: int, e: int) -> PackedExpert:
         self.gets += 1
