@@ -28,12 +28,12 @@ from moestream.scheduler.routing import load_trace
 PROMPT = [{"role": "user", "content": "Good morrow, my lord. What news from the court?"}]
 
 
-def decode_tps(llm, n: int, repeats: int) -> float:
+def decode_tps(llm, n: int, repeats: int, temperature: float) -> float:
     ids = llm.tokenizer.encode_chat(PROMPT)
     best = 0.0
     for _ in range(repeats):
         llm.reset()
-        llm.generate_ids(ids, SamplingParams(temperature=0.8, seed=0, max_tokens=n), stop_ids=set())
+        llm.generate_ids(ids, SamplingParams(temperature=temperature, seed=0, max_tokens=n), stop_ids=set())
         s = llm.stats()
         best = max(best, s.generation_tps)
     return best
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=256, help="tokens to decode")
     ap.add_argument("-r", type=int, default=3, help="repetitions (best kept)")
     ap.add_argument("--cache-fraction", type=float, default=0.25)
+    ap.add_argument("--temp", type=float, default=0.8, help="sampling temperature (0 = greedy, whose routing repeats)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -54,11 +55,11 @@ def main() -> None:
     n_experts = len(c.moe_layers) * c.num_local_experts
     slots = max(1, int(n_experts * args.cache_fraction))
     cache_bytes = slots * resident.plan.expert_bytes
-    base = decode_tps(resident, args.n, args.r)
+    base = decode_tps(resident, args.n, args.r, args.temp)
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model: embedded ({len(c.moe_layers)} MoE layers x {c.num_local_experts} experts = {n_experts}); "
-          f"expert cache {slots} slots ({100 * slots / n_experts:.0f}%); decode {args.n} tokens sampled (T=0.8, seed 0), best of {args.r}")
+          f"expert cache {slots} slots ({100 * slots / n_experts:.0f}%); decode {args.n} tokens at temperature {args.temp} (seed 0), best of {args.r}")
     print("| run | decode tok/s | vs resident | hit rate | prefetch recall d1 / d2 | precision d1 / d2 | stall ms |")
     print("|---|---|---|---|---|---|---|")
     print(f"| resident | {base:.1f} | 1.00 | - | - | - | - |")
@@ -70,7 +71,7 @@ def main() -> None:
         ("lru + prefetch 2, cpu-experts auto", dict(cache_policy="lru", prefetch=2, cpu_experts="auto")),
     ):
         llm = moestream.load(expert_cache=cache_bytes, expert_dir=work, **kw)
-        tps = decode_tps(llm, args.n, args.r)
+        tps = decode_tps(llm, args.n, args.r, args.temp)
         s = llm.stats()
         rec = " / ".join(f"{100 * s.prefetch_recall.get(d, 0):.0f}%" for d in (1, 2)) if s.prefetch_recall else "-"
         pre = " / ".join(f"{100 * s.prefetch_precision.get(d, 0):.0f}%" for d in (1, 2)) if s.prefetch_precision else "-"

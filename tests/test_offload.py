@@ -303,3 +303,21 @@ def test_policies_have_distinct_victims():
     assert lfu.victim(keys) in (keys[1], keys[2])  # least frequent
     pred.predicted({keys[1]: 1})
     assert pred.victim(keys) == keys[2]  # rarest and not predicted: farthest expected next use
+
+
+def test_prefill_needing_more_experts_than_a_layer_has_slots(embedded, tmp_path):
+    """Per-layer shares of 2 slots, prefill steps needing up to 16 experts per layer, a chat turn
+    that reuses the cache: deferred fetches wait for slots, and the tokens equal the resident run's."""
+    params = SamplingParams(temperature=0.8, seed=0, max_tokens=30)
+    first = embedded.tokenizer.encode_chat([{"role": "user", "content": "Good morrow, my lord."}])
+    embedded.reset()
+    ref1 = embedded.generate_ids(first, params)
+    follow = first + ref1 + embedded.tokenizer.encode("And the king?", bos=False)
+    ref2 = embedded.generate_ids(follow, params)
+    llm = moestream.load(expert_cache=16 * embedded.plan.expert_bytes, cache_split="per-layer", cpu_experts="never",
+                         expert_dir=tmp_path)
+    assert llm.experts.cache.split == "per-layer"
+    assert llm.generate_ids(first, params) == ref1
+    assert llm.generate_ids(follow, params) == ref2
+    assert llm.stats().cpu_experts == 0
+    llm.close()
