@@ -86,6 +86,19 @@ CACHE_SPLITS = ("auto", "global", "per-layer")
 DEFAULT_CTX = 8192  # the context when -c is not given (capped by the model's maximum)
 
 
+KV_CACHE_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")
+
+
+def _positive(value, what: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise MoestreamError(f"{what} {value!r} is not a whole number") from None
+    if n <= 0:
+        raise MoestreamError(f"{what} must be positive (got {value})")
+    return n
+
+
 def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
     if value not in choices:
         raise MoestreamError(f"{what} {value!r} is not one of {', '.join(choices)}")
@@ -114,6 +127,14 @@ class RuntimeConfig:
     expert_dir: Path | None = None  # where the repacked disk-tier expert file lives (default: ~/.cache/moestream)
     repack: bool = True  # False: disk-tier experts are read straight from the checkpoint files
     record_routing: Path | None = None  # write every token's (layer, expert, score) as JSONL
+    # --- KV cache tiers ---
+    kv_gpu_mem: int | None = None  # device bytes for KV (chunk rings + global hot windows); None = all on device
+    kv_cpu_mem: int | None = None  # host RAM for spilled KV blocks; None = no limit
+    kv_disk: Path | None = None  # spill file beyond --kv-cpu-mem
+    ubatch: int = 512  # prefill micro-batch (tokens per forward step)
+    cache_type_k: str = "auto"  # f32 | f16 | bf16 | q8_0; auto = the compute dtype
+    cache_type_v: str = "auto"
+    kv_block: int = 256  # tokens per spilled KV block
 
     @property
     def offloading(self) -> bool:
@@ -123,7 +144,9 @@ class RuntimeConfig:
     @classmethod
     def build(cls, path=None, device="auto", dtype="auto", ctx_size=0, threads=0, gpu_mem=None, cpu_mem=None,
               expert_cache=None, cpu_experts="auto", cache_policy="lfu", cache_split="auto", prefetch=1,
-              cpu_moe=False, n_cpu_moe=0, expert_dir=None, repack=True, record_routing=None) -> "RuntimeConfig":
+              cpu_moe=False, n_cpu_moe=0, expert_dir=None, repack=True, record_routing=None, kv_gpu_mem=None,
+              kv_cpu_mem=None, kv_disk=None, ubatch=512, cache_type_k="auto", cache_type_v="auto",
+              kv_block=256) -> "RuntimeConfig":
         """Parse and check every setting once (sizes, counts, choices); raises MoestreamError."""
         size = lambda v, what: parse_size(v, what) if v is not None else None  # noqa: E731
         if int(prefetch) < 0 or int(n_cpu_moe) < 0:
@@ -146,4 +169,11 @@ class RuntimeConfig:
             expert_dir=Path(expert_dir) if expert_dir else None,
             repack=bool(repack),
             record_routing=Path(record_routing) if record_routing else None,
+            kv_gpu_mem=size(kv_gpu_mem, "--kv-gpu-mem"),
+            kv_cpu_mem=size(kv_cpu_mem, "--kv-cpu-mem"),
+            kv_disk=Path(kv_disk) if kv_disk else None,
+            ubatch=_positive(ubatch, "-ub/--ubatch-size"),
+            cache_type_k=_choice(cache_type_k, KV_CACHE_TYPES, "-ctk/--cache-type-k"),
+            cache_type_v=_choice(cache_type_v, KV_CACHE_TYPES, "-ctv/--cache-type-v"),
+            kv_block=_positive(kv_block, "--kv-block"),
         )

@@ -47,6 +47,10 @@ class LLM:
             )
         self.plan: Plan = make_plan(self.config, runtime, self.device, self.dtype)
         self.ctx_size = self.plan.ctx_size
+        if self.plan.kv.disk is not None:  # find an unwritable --kv-disk now, not mid-conversation
+            from .cache.kv import KVDisk
+
+            KVDisk(self.plan.kv.disk).close()
         self.model = Llama4.from_checkpoint(self.checkpoint, None, self.device, self.dtype)
         self.experts = self._place_experts()
         self.model.experts = self.experts
@@ -66,6 +70,7 @@ class LLM:
         self.tokenizer = Tokenizer(runtime.model, self.config.eos_token_ids) if has_tokenizer else None
         self.stop_ids = self.tokenizer.stop_ids if self.tokenizer else set(self.config.eos_token_ids)
         self._cache: KVCache | None = None
+        self._kv_counters = None  # of the last cache used (for stats after logits() / reset())
         self._cache_ids: list[int] = []  # the tokens whose keys/values the cache holds
         self._stats = Stats(load_seconds=time.perf_counter() - t0)
 
@@ -115,21 +120,43 @@ class LLM:
             raise MoestreamError(f"token ids must lie in [0, {self.config.vocab_size})")
         return ids
 
+    def new_cache(self) -> KVCache:
+        """A fresh KV cache laid out as planned; the one held for the conversation is dropped first
+        (it may own the KV disk file)."""
+        self.reset()
+        return KVCache(self.config, self.device, self.dtype, self.plan.kv)
+
+    def _forward(self, ids: torch.Tensor, cache: KVCache, step: int, last_only: bool = False) -> torch.Tensor:
+        """Feed ids through the cache `step` tokens at a time (prefill micro-batches, -ub)."""
+        pieces = [self.model.forward(ids[i:i + step], cache, last_only=last_only and i + step >= ids.numel())
+                  for i in range(0, ids.numel(), step)]
+        return pieces[-1] if last_only else torch.cat(pieces)
+
     def logits(self, ids) -> torch.Tensor:
-        """[T, V] float32 logits of a fresh sequence, the whole prompt in one step."""
-        return self.model.forward(self._ids(ids)).cpu()
+        """[T, V] float32 logits of a fresh sequence, the whole prompt at once (in -ub micro-batches)."""
+        ids = self._ids(ids)
+        cache = self.new_cache()
+        try:
+            return self._forward(ids, cache, self.runtime.ubatch).cpu()
+        finally:
+            self._kv_counters = cache.counters
+            cache.close()
 
     def decode_logits(self, ids) -> torch.Tensor:
         """The same logits as `logits`, fed one token at a time through a fresh KV cache."""
         ids = self._ids(ids)
-        cache = KVCache(self.config, self.device, self.dtype)
-        return torch.cat([self.model.forward(ids[i:i + 1], cache) for i in range(ids.numel())]).cpu()
+        cache = self.new_cache()
+        try:
+            return self._forward(ids, cache, 1).cpu()
+        finally:
+            self._kv_counters = cache.counters
+            cache.close()
 
     # --- generation ------------------------------------------------------------------------------
     def _step(self, ids: list[int], last_only: bool = True) -> torch.Tensor:
         """Feed `ids` after the cached tokens; on any failure drop the cache (it may be half-written)."""
         try:
-            logits = self.model.forward(torch.tensor(ids, dtype=torch.long), self._cache, last_only=last_only)
+            logits = self._forward(torch.tensor(ids, dtype=torch.long), self._cache, self.runtime.ubatch, last_only)
         except BaseException:
             self.reset()
             raise
@@ -138,6 +165,9 @@ class LLM:
 
     def reset(self) -> None:
         """Forget the cached conversation (the next call prefills from scratch)."""
+        if self._cache is not None:
+            self._kv_counters = self._cache.counters
+            self._cache.close()
         self._cache, self._cache_ids = None, []
 
     def _sync(self) -> None:
@@ -161,7 +191,7 @@ class LLM:
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         n = len(self._cache_ids)
         if self._cache is None or n >= len(prompt_ids) or prompt_ids[:n] != self._cache_ids:
-            self._cache, self._cache_ids, n = KVCache(self.config, self.device, self.dtype), [], 0
+            self._cache, n = self.new_cache(), 0
         s = self._stats
         s.prompt_tokens, s.generated_tokens, s.generation_seconds = len(prompt_ids) - n, 0, 0.0
 
@@ -255,11 +285,24 @@ class LLM:
                 prefetch_recall={d: v["recall"] for d, v in ex.prefetcher.summary().items()} if ex.prefetcher else {},
                 prefetch_precision={d: v["precision"] for d, v in ex.prefetcher.summary().items()} if ex.prefetcher else {},
             )
+        cache = self._cache
+        counters = cache.counters if cache is not None else self._kv_counters
+        if cache is not None:
+            tiers = cache.tokens_by_tier()
+            snap.kv_tokens_device, snap.kv_tokens_host, snap.kv_tokens_disk = tiers["device"], tiers["host"], tiers["disk"]
+            snap.kv_host_bytes = cache.host_bytes
+        if counters is not None:
+            snap.kv_spilled_to_host_bytes = counters.spilled_to_host_bytes
+            snap.kv_spilled_to_disk_bytes = counters.spilled_to_disk_bytes
+            snap.kv_fetched_to_device_bytes = counters.fetched_to_device_bytes
+            snap.kv_read_from_disk_bytes = counters.read_from_disk_bytes
+            snap.kv_attention_seconds = dict(counters.seconds)
         snap.device_bytes = snap.resident_bytes + snap.expert_bytes + kv
         return snap
 
     def close(self) -> None:
-        """Finish in-flight copies, stop the copy worker, flush the routing trace."""
+        """Finish in-flight copies, stop the copy worker, flush the routing trace, close the KV file."""
+        self.reset()
         if hasattr(self.experts, "close"):
             self.experts.close()
         if self.recorder is not None:

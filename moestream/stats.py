@@ -43,8 +43,18 @@ class Stats:
     # memory
     resident_bytes: int = 0  # attention, norms, routers, shared/dense MLPs, embeddings, lm_head
     expert_bytes: int = 0  # routed experts on the compute device (cache pool or resident experts)
-    kv_bytes: int = 0
-    kv_tokens: int = 0
+    kv_bytes: int = 0  # KV on the compute device
+    kv_tokens: int = 0  # tokens in the conversation's cache
+    # KV tiers (tokens of one global layer per tier; bytes summed over layers)
+    kv_tokens_device: int = 0
+    kv_tokens_host: int = 0
+    kv_tokens_disk: int = 0
+    kv_host_bytes: int = 0
+    kv_spilled_to_host_bytes: int = 0
+    kv_spilled_to_disk_bytes: int = 0
+    kv_fetched_to_device_bytes: int = 0
+    kv_read_from_disk_bytes: int = 0
+    kv_attention_seconds: dict = field(default_factory=dict)  # tier -> seconds of attention over it
     device_bytes: int = 0  # the runtime's own accounting: resident + experts + KV
     gpu_mem: int | None = None  # the compute-device budget it must stay within (None = none)
 

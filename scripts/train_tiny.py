@@ -33,7 +33,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moestream.data.shakespeare import conversations, split
 from moestream.model.config import ModelConfig
-from moestream.model.llama4 import apply_rope, attention_temperature, rms_norm, rope_inv_freq, rope_rotations, route, visibility
+from moestream.model.attention import visibility
+from moestream.model.llama4 import apply_rope, attention_temperature, rms_norm, rope_inv_freq, rope_rotations, route
 from moestream.model.tokenizer import LLAMA4_TEMPLATE
 
 ROOT = Path(__file__).resolve().parent.parent

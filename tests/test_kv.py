@@ -17,7 +17,7 @@ def test_chunked_layers_never_hold_more_than_one_chunk(tiny):
         for layer, kv in enumerate(cache.layers):
             if llm.config.uses_rope(layer):
                 assert isinstance(kv, ChunkKV)
-                assert kv.k.shape[0] == llm.config.attention_chunk_size
+                assert kv.store.capacity == llm.config.attention_chunk_size
                 assert kv.n == i % 8 + 1  # tokens of the current chunk only
             else:
                 assert isinstance(kv, GlobalKV) and kv.n == i + 1

@@ -1,102 +1,403 @@
-"""KVCache: per-layer keys and values for incremental decoding.
+"""KVCache: per-layer keys and values, chunk-aware and tiered, so context is bounded by host memory.
 
-Llama 4 has two kinds of attention layer, and their caches differ in size by orders of magnitude:
+Llama 4 has two kinds of attention layer, and their caches differ by orders of magnitude:
 - RoPE layers attend only inside their own `attention_chunk_size`-aligned chunk, so `ChunkKV` keeps
-  at most one chunk: when a token opens a new chunk, the old keys can never be seen again.
-- NoPE layers attend globally, so `GlobalKV` keeps every token (grown geometrically).
+  at most one chunk, always on the compute device: when a token opens a new chunk, the old keys
+  can never be seen again.
+- NoPE layers attend globally, so `GlobalKV` keeps every token: the newest in a hot window on the
+  device, older fixed-size blocks spilled to host RAM (pinned with CUDA) and, past the host budget,
+  to a disk file. Attention runs over each tier where it lies (or streamed to the device, whichever
+  measured faster) and the parts are merged exactly by log-sum-exp (model/attention.py).
 
-Attention asks a layer's cache for "the keys my new queries may see" via `extend`, which stores the
-new keys and returns the visible keys and the absolute position of the first one (they are
-consecutive); the mask is built from positions, so the model never needs to know which cache it
-talks to.
+Storage types (-ctk/-ctv): f32, f16, bf16, or q8_0 = int8 with one float scale per (token, head),
+which halves bf16 KV; spilled blocks keep their type, so they move and rest at that size.
+
+Attention asks a layer's cache `attend(q, k_new, v_new, pos0, q_pos)`: the cache stores the new
+keys and returns the attention output; the model never sees tiers.
 """
 
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
+
+from ..errors import MoestreamError
+from ..model.attention import attend, attention_part, merge_parts
+
+KV_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "q8_0": torch.int8}
+
+
+def kv_type_bytes(kv_type: str, head_dim: int) -> float:
+    """Bytes per (token, head) of one of K or V."""
+    return head_dim + 4 if kv_type == "q8_0" else head_dim * torch.empty((), dtype=KV_TYPES[kv_type]).element_size()
+
+
+class KVArray:
+    """Keys or values of up to `capacity` tokens in one storage type, on one device."""
+
+    def __init__(self, capacity: int, heads: int, head_dim: int, kv_type: str, device, pin: bool = False):
+        self.kv_type, self.quant = kv_type, kv_type == "q8_0"
+        self.heads, self.head_dim, self.device, self.pin = heads, head_dim, torch.device(device), pin
+        self.data = torch.empty(capacity, heads, head_dim, dtype=KV_TYPES[kv_type], device=device, pin_memory=pin)
+        self.scale = torch.empty(capacity, heads, device=device, pin_memory=pin) if self.quant else None
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.data.numel() * self.data.element_size()
+        return n + (self.scale.numel() * 4 if self.quant else 0)
+
+    def write(self, i: int, x: torch.Tensor) -> None:
+        """Store x [T, heads, hd] (compute dtype) at token slots i..i+T."""
+        T = x.shape[0]
+        if self.quant:
+            scale = x.float().abs().amax(-1).clamp(min=1e-12) / 127.0
+            self.data[i:i + T] = torch.round(x.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
+            self.scale[i:i + T] = scale
+        else:
+            self.data[i:i + T] = x
+
+    def read(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+        """Slots a..b in the compute dtype (a view when no conversion is needed)."""
+        if self.quant:
+            return (self.data[a:b].float() * self.scale[a:b, :, None]).to(dtype)
+        x = self.data[a:b]
+        return x if x.dtype == dtype else x.to(dtype)
+
+    def parts(self, a: int, b: int) -> list[torch.Tensor]:
+        """The stored tensors of slots a..b, format preserved (what a spill moves)."""
+        return [self.data[a:b]] + ([self.scale[a:b]] if self.quant else [])
+
+    def put(self, i: int, parts: list[torch.Tensor]) -> None:
+        n = parts[0].shape[0]
+        self.data[i:i + n].copy_(parts[0], non_blocking=self.pin)
+        if self.quant:
+            self.scale[i:i + n].copy_(parts[1], non_blocking=self.pin)
+
+    def drop_front(self, n: int, used: int) -> None:
+        """Forget slots 0..n, moving slots n..used to the front."""
+        self.data[:used - n] = self.data[n:used].clone()
+        if self.quant:
+            self.scale[:used - n] = self.scale[n:used].clone()
+
+    def grown(self, capacity: int, used: int) -> "KVArray":
+        out = KVArray(capacity, self.heads, self.head_dim, self.kv_type, self.device, self.pin)
+        out.put(0, self.parts(0, used))
+        return out
+
+
+class KVPair:
+    """Keys and values side by side (their types may differ: -ctk / -ctv)."""
+
+    def __init__(self, capacity, heads, head_dim, k_type, v_type, device, pin=False):
+        self.k = KVArray(capacity, heads, head_dim, k_type, device, pin)
+        self.v = KVArray(capacity, heads, head_dim, v_type, device, pin)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.capacity
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def write(self, i, k, v):
+        self.k.write(i, k)
+        self.v.write(i, v)
+
+    def read(self, a, b, dtype):
+        return self.k.read(a, b, dtype), self.v.read(a, b, dtype)
+
+    def parts(self, a, b):
+        return self.k.parts(a, b) + self.v.parts(a, b)
+
+    def put(self, i, parts):
+        nk = 2 if self.k.quant else 1
+        self.k.put(i, parts[:nk])
+        self.v.put(i, parts[nk:])
+
+    def drop_front(self, n, used):
+        self.k.drop_front(n, used)
+        self.v.drop_front(n, used)
+
+    def grown(self, capacity, used) -> "KVPair":
+        out = KVPair.__new__(KVPair)
+        out.k, out.v = self.k.grown(capacity, used), self.v.grown(capacity, used)
+        return out
+
+
+@dataclass
+class KVLayout:
+    """How the KV cache is stored; built from the flags by the planner."""
+
+    k_type: str  # f32 | f16 | bf16 | q8_0
+    v_type: str
+    block: int = 256  # tokens per spilled block
+    hot_tokens: int | None = None  # per global layer on the device; None = all tokens stay on the device
+    host_tokens: int | None = None  # per global layer in host RAM; None = no limit
+    disk: Path | None = None  # spill file beyond the host budget
+    max_tokens: int = 1 << 62
+
+
+@dataclass
+class KVCounters:
+    spilled_to_host_bytes: int = 0
+    spilled_to_disk_bytes: int = 0
+    fetched_to_device_bytes: int = 0  # host blocks streamed to the device for attention
+    read_from_disk_bytes: int = 0
+    seconds: dict = field(default_factory=lambda: {"device": 0.0, "host": 0.0, "disk": 0.0})
+    host_on_cpu: bool | None = None  # measured choice for host-resident blocks on CUDA
+    host_trials: dict = field(default_factory=dict)  # on_cpu -> seconds per token, measured
+
+
+class KVDisk:
+    """The disk tier: one file, truncated when opened, so a new process never reads stale blocks."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as e:
+            raise MoestreamError(f"cannot open the KV disk file {self.path}: {e.strerror}; point --kv-disk elsewhere") from None
+        self.end = 0
+
+    def write(self, parts: list[torch.Tensor]) -> tuple[int, int]:
+        """Append one block's tensors; returns (offset, bytes)."""
+        offset = self.end
+        for t in parts:
+            raw = t.detach().cpu().contiguous().view(torch.uint8).numpy()
+            try:
+                if os.pwrite(self.fd, raw, self.end) != raw.nbytes:
+                    raise OSError(28, "No space left on device")
+            except OSError as e:
+                raise MoestreamError(
+                    f"cannot write the KV disk file {self.path} ({e.strerror}): free space there, point --kv-disk "
+                    "elsewhere, or use a smaller -c; the conversation is kept"
+                ) from None
+            self.end += raw.nbytes
+        return offset, self.end - offset
+
+    def read_into(self, offset: int, parts: list[torch.Tensor]) -> int:
+        pos = offset
+        for t in parts:
+            view = memoryview(t.view(torch.uint8).numpy())
+            if os.preadv(self.fd, [view], pos) != view.nbytes:
+                raise MoestreamError(f"the KV disk file {self.path} was truncated under us: start the conversation again")
+            pos += view.nbytes
+        return pos - offset
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class ChunkKV:
-    """Keys/values of the current chunk only: a fixed buffer of `chunk` slots."""
+    """Keys/values of the current chunk only: a fixed buffer of `chunk` slots on the device."""
 
-    def __init__(self, chunk: int, kv_heads: int, head_dim: int, device, dtype):
-        self.chunk = chunk
-        self.k = torch.empty(chunk, kv_heads, head_dim, device=device, dtype=dtype)
-        self.v = torch.empty_like(self.k)
+    def __init__(self, chunk: int, kv_heads: int, head_dim: int, device, dtype, layout: KVLayout):
+        self.chunk, self.dtype = chunk, dtype
+        self.store = KVPair(chunk, kv_heads, head_dim, layout.k_type, layout.v_type, device)
         self.start = 0  # absolute position of slot 0
         self.n = 0  # filled slots
 
-    def extend(self, k: torch.Tensor, v: torch.Tensor, pos0: int):
-        """Store k/v [T, Hkv, hd] at positions pos0.. and return (keys, values, first key position)."""
+    def attend(self, q, k, v, pos0: int, q_pos) -> torch.Tensor:
+        """Store k/v [T, Hkv, hd] at positions pos0.. and attend q over the chunk-visible keys."""
         T, C = k.shape[0], self.chunk
         if pos0 // C != self.start // C or self.n == 0:
             self.start, self.n = (pos0 // C) * C, 0  # a new chunk: the old one is out of sight
         assert pos0 == self.start + self.n, "KV cache fed out of order"
-        if self.n + T <= C:  # the common case (decode): write in place, return views
-            self.k[self.n:self.n + T] = k
-            self.v[self.n:self.n + T] = v
+        if self.n + T <= C:  # the common case (decode): store, then attend over the chunk so far
+            self.store.write(self.n, k, v)
             self.n += T
-            return self.k[:self.n], self.v[:self.n], self.start
+            keys, values = self.store.read(0, self.n, self.dtype)
+            return attend(q, keys, values, q_pos, self.start, C)
         # A multi-token step that crosses chunk boundaries: attend over old + new, keep the last chunk.
-        keys = torch.cat([self.k[:self.n], k])
-        values = torch.cat([self.v[:self.n], v])
+        old_k, old_v = self.store.read(0, self.n, self.dtype)
+        keys, values = torch.cat([old_k, k]), torch.cat([old_v, v])
         first = self.start
+        out = attend(q, keys, values, q_pos, first, C)
         last_start = ((pos0 + T - 1) // C) * C
-        keep = last_start - self.start
+        keep = last_start - first
         self.n = keys.shape[0] - keep
-        self.k[:self.n] = keys[keep:]
-        self.v[:self.n] = values[keep:]
+        self.store.write(0, keys[keep:], values[keep:])
         self.start = last_start
-        return keys, values, first
+        return out
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return self.store.nbytes
 
 
 class GlobalKV:
-    """Every token's keys/values, in a buffer grown by doubling (amortised O(1) appends)."""
+    """Every token's keys/values: a hot window on the device, older blocks on host RAM, then disk."""
 
-    def __init__(self, kv_heads: int, head_dim: int, device, dtype, capacity: int = 256):
-        self.k = torch.empty(capacity, kv_heads, head_dim, device=device, dtype=dtype)
-        self.v = torch.empty_like(self.k)
-        self.n = 0
+    def __init__(self, layer: int, kv_heads: int, head_dim: int, device, dtype, layout: KVLayout,
+                 disk: KVDisk | None, counters: KVCounters):
+        self.layer, self.device, self.dtype, self.layout = layer, torch.device(device), dtype, layout
+        self.heads, self.head_dim = kv_heads, head_dim
+        self.disk, self.counters = disk, counters
+        self.pin = self.device.type == "cuda"
+        first = min(layout.max_tokens, layout.hot_tokens or 256, 256)
+        self.hot = KVPair(max(first, 1), kv_heads, head_dim, layout.k_type, layout.v_type, device)
+        self.n_hot = 0
+        self.host: KVPair | None = None
+        self.n_host = 0
+        self.disk_blocks: list[int] = []  # offsets of this layer's blocks in the disk file, oldest first
+        self.n = 0  # tokens stored in all tiers
 
-    def extend(self, k: torch.Tensor, v: torch.Tensor, pos0: int):
-        assert pos0 == self.n, "KV cache fed out of order"
-        T = k.shape[0]
-        if self.n + T > self.k.shape[0]:
-            cap = max(2 * self.k.shape[0], self.n + T)
-            self.k = _grow(self.k, self.n, cap)
-            self.v = _grow(self.v, self.n, cap)
-        self.k[self.n:self.n + T] = k
-        self.v[self.n:self.n + T] = v
+    # --- placement ---------------------------------------------------------------------------------
+    def _spill_block(self) -> None:
+        """Move the oldest hot block to host RAM (and the oldest host block to disk if host is full)."""
+        B, lay = self.layout.block, self.layout
+        if lay.host_tokens is not None and self.n_host + B > lay.host_tokens:
+            if self.disk is None:
+                raise MoestreamError("the KV cache is full: raise --kv-cpu-mem, add --kv-disk PATH, or use a smaller -c")
+            offset, nbytes = self.disk.write(self.host.parts(0, B))
+            self.disk_blocks.append(offset)
+            self.counters.spilled_to_disk_bytes += nbytes
+            self.host.drop_front(B, self.n_host)
+            self.n_host -= B
+        if self.host is None or self.n_host + B > self.host.capacity:
+            cap = max(B, 2 * (self.host.capacity if self.host else B))
+            if lay.host_tokens is not None:
+                cap = min(cap, max(B, lay.host_tokens))
+            if self.host is None:
+                self.host = KVPair(cap, self.heads, self.head_dim, lay.k_type, lay.v_type, "cpu", self.pin)
+            else:
+                self.host = self.host.grown(cap, self.n_host)
+        parts = self.hot.parts(0, B)
+        self.host.put(self.n_host, parts)
+        if self.pin:
+            torch.cuda.current_stream().synchronize()  # the hot slots are reused right after
+        self.counters.spilled_to_host_bytes += sum(p.numel() * p.element_size() for p in parts)
+        self.n_host += B
+        self.hot.drop_front(B, self.n_hot)
+        self.n_hot -= B
+
+    def _append(self, k, v) -> None:
+        T, lay = k.shape[0], self.layout
+        if lay.hot_tokens is not None:
+            while self.n_hot + T > lay.hot_tokens and self.n_hot >= lay.block:
+                self._spill_block()
+        if self.n_hot + T > self.hot.capacity:
+            cap = max(2 * self.hot.capacity, self.n_hot + T)
+            limit = lay.hot_tokens if lay.hot_tokens is not None else lay.max_tokens
+            self.hot = self.hot.grown(max(min(cap, limit), self.n_hot + T), self.n_hot)
+        self.hot.write(self.n_hot, k, v)
+        self.n_hot += T
         self.n += T
-        return self.k[:self.n], self.v[:self.n], 0
+
+    # --- attention ---------------------------------------------------------------------------------
+    def attend(self, q, k, v, pos0: int, q_pos) -> torch.Tensor:
+        assert pos0 == self.n, "KV cache fed out of order"
+        self._append(k, v)
+        hot_first = self.n - self.n_hot
+        hot_k, hot_v = self.hot.read(0, self.n_hot, self.dtype)
+        if hot_first == 0:  # nothing spilled: plain attention, as if there were no tiers
+            t0 = time.perf_counter()
+            out = attend(q, hot_k, hot_v, q_pos, 0, None)
+            self.counters.seconds["device"] += time.perf_counter() - t0
+            return out
+        parts = self._disk_parts(q) + self._host_parts(q)
+        t0 = time.perf_counter()
+        mask = None
+        if q.shape[0] > 1:
+            k_pos = torch.arange(hot_first, self.n, device=q.device)
+            mask = k_pos[None, :] <= q_pos[:, None]
+        parts.append(attention_part(q, hot_k, hot_v, mask))
+        self.counters.seconds["device"] += time.perf_counter() - t0
+        return merge_parts(parts).to(q.dtype).reshape(q.shape[0], -1)
+
+    def _host_parts(self, q) -> list:
+        if not self.n_host:
+            return []
+        c = self.counters
+        on_cpu = self.device.type == "cpu" or c.host_on_cpu is not False
+        t0 = time.perf_counter()
+        if on_cpu:
+            keys, values = self.host.read(0, self.n_host, torch.float32)
+            out, lse = attention_part(q.to("cpu"), keys, values)
+            part = (out.to(q.device), lse.to(q.device))
+        else:  # stream the stored (possibly 8-bit) block to the device and attend there
+            stage = KVPair(self.n_host, self.heads, self.head_dim, self.layout.k_type, self.layout.v_type, self.device)
+            stage.put(0, self.host.parts(0, self.n_host))
+            c.fetched_to_device_bytes += stage.nbytes
+            part = attention_part(q, *stage.read(0, self.n_host, self.dtype))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - t0
+        c.seconds["host"] += elapsed
+        if self.device.type == "cuda":  # the cost model: time each way once per token, then keep the faster
+            c.host_trials[on_cpu] = elapsed / self.n_host
+            c.host_on_cpu = (c.host_trials[True] <= c.host_trials[False]) if len(c.host_trials) == 2 else not on_cpu
+        return [part]
+
+    def _disk_parts(self, q) -> list:
+        if not self.disk_blocks:
+            return []
+        B = self.layout.block
+        t0 = time.perf_counter()
+        block = KVPair(B, self.heads, self.head_dim, self.layout.k_type, self.layout.v_type, "cpu")
+        parts = []
+        qc = q.to("cpu")
+        for offset in self.disk_blocks:
+            tensors = block.parts(0, B)
+            self.counters.read_from_disk_bytes += self.disk.read_into(offset, tensors)
+            out, lse = attention_part(qc, *block.read(0, B, torch.float32))
+            parts.append((out.to(q.device), lse.to(q.device)))
+        self.counters.seconds["disk"] += time.perf_counter() - t0
+        return parts
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        """Bytes on the compute device."""
+        return self.hot.nbytes
 
-
-def _grow(buf: torch.Tensor, n: int, capacity: int) -> torch.Tensor:
-    out = torch.empty((capacity, *buf.shape[1:]), device=buf.device, dtype=buf.dtype)
-    out[:n] = buf[:n]
-    return out
+    @property
+    def host_bytes(self) -> int:
+        return self.host.nbytes if self.host is not None else 0
 
 
 class KVCache:
     """One cache per layer plus the number of tokens already processed."""
 
-    def __init__(self, config, device, dtype):
+    def __init__(self, config, device, dtype, layout: KVLayout | None = None):
+        default = "f32" if dtype == torch.float32 else "bf16" if dtype == torch.bfloat16 else "f16"
+        self.layout = layout or KVLayout(default, default)
+        self.counters = KVCounters()
+        self.disk = KVDisk(self.layout.disk) if self.layout.disk is not None and self.layout.hot_tokens else None
         self.layers = [
-            ChunkKV(config.attention_chunk_size, config.num_key_value_heads, config.head_dim, device, dtype)
+            ChunkKV(config.attention_chunk_size, config.num_key_value_heads, config.head_dim, device, dtype, self.layout)
             if config.uses_rope(i)
-            else GlobalKV(config.num_key_value_heads, config.head_dim, device, dtype)
+            else GlobalKV(i, config.num_key_value_heads, config.head_dim, device, dtype, self.layout, self.disk, self.counters)
             for i in range(config.num_hidden_layers)
         ]
         self.pos = 0
 
     @property
     def nbytes(self) -> int:
+        """Bytes on the compute device."""
         return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(layer.host_bytes for layer in self.layers if isinstance(layer, GlobalKV))
+
+    def tokens_by_tier(self) -> dict[str, int]:
+        """Tokens of one global layer in each tier (every global layer holds the same split)."""
+        g = next((layer for layer in self.layers if isinstance(layer, GlobalKV)), None)
+        if g is None:
+            return {"device": self.pos, "host": 0, "disk": 0}
+        return {"device": g.n_hot, "host": g.n_host, "disk": len(g.disk_blocks) * self.layout.block}
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None

@@ -49,14 +49,28 @@ def runtime_options(fn):
     @click.option("--no-repack", is_flag=True, help="Read disk-tier experts straight from the checkpoint files.")
     @click.option("--record-routing", type=click.Path(dir_okay=False), default=None,
                   help="Write every token's (layer, expert, score) to FILE as JSONL.")
+    @click.option("--kv-gpu-mem", default=None, help="Device bytes for the KV cache; older global-layer KV spills "
+                  "to host RAM beyond it (default: all KV on the device).")
+    @click.option("--kv-cpu-mem", default=None, help="Host RAM for spilled KV blocks (default: no limit).")
+    @click.option("--kv-disk", type=click.Path(dir_okay=False), default=None,
+                  help="File for KV blocks beyond --kv-cpu-mem (truncated at start).")
+    @click.option("-ub", "--ubatch-size", "ubatch", type=int, default=512, show_default=True,
+                  help="Prefill micro-batch in tokens.")
+    @click.option("-ctk", "--cache-type-k", type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0"]), default="auto",
+                  show_default=True, help="KV type for keys: auto = the compute dtype; q8_0 = int8 + per-(token, head) scale.")
+    @click.option("-ctv", "--cache-type-v", type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0"]), default="auto",
+                  show_default=True, help="KV type for values.")
+    @click.option("--kv-block", type=int, default=256, show_default=True, help="Tokens per spilled KV block.")
     @functools.wraps(fn)
     def wrapper(*args, model, device, dtype, ctx_size, threads, gpu_mem, cpu_mem, expert_cache, cpu_experts,
-                cache_policy, cache_split, prefetch, cpu_moe, n_cpu_moe, expert_dir, no_repack, record_routing, **kwargs):
+                cache_policy, cache_split, prefetch, cpu_moe, n_cpu_moe, expert_dir, no_repack, record_routing,
+                kv_gpu_mem, kv_cpu_mem, kv_disk, ubatch, cache_type_k, cache_type_v, kv_block, **kwargs):
         runtime = RuntimeConfig.build(
             model, device, dtype, ctx_size if ctx_size != "0" else 0, threads, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
             expert_cache=expert_cache, cpu_experts=cpu_experts, cache_policy=cache_policy, cache_split=cache_split,
             prefetch=prefetch, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, expert_dir=expert_dir, repack=not no_repack,
-            record_routing=record_routing)
+            record_routing=record_routing, kv_gpu_mem=kv_gpu_mem, kv_cpu_mem=kv_cpu_mem, kv_disk=kv_disk,
+            ubatch=ubatch, cache_type_k=cache_type_k, cache_type_v=cache_type_v, kv_block=kv_block)
         return fn(*args, runtime=runtime, **kwargs)
 
     return wrapper

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache.kv import KVCache
+from .attention import attend
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 
@@ -30,8 +31,11 @@ from .config import ModelConfig
 # --- building blocks (shape-agnostic in the leading dimensions) ----------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, as the reference does; weight None = weightless (QK-norm)."""
-    xf = x.float()
-    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    if x.dtype == torch.float32:  # no casts to make (the hot path on CPU)
+        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        xf = x.float()
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
     return out if weight is None else out * weight
 
 
@@ -69,26 +73,6 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
 def attention_temperature(positions: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Per-query scale for NoPE layers: 1 + attn_scale * log1p(floor((pos + 1) / floor_scale))."""
     return torch.log1p(torch.floor((positions.float() + 1.0) / config.floor_scale)) * config.attn_scale + 1.0
-
-
-def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """Boolean mask [Tq, Tk]: causal, and within the same aligned chunk when `chunk` is given."""
-    mask = k_pos[None, :] <= q_pos[:, None]
-    if chunk is not None:
-        mask &= (k_pos[None, :] // chunk) == (q_pos[:, None] // chunk)
-    return mask
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One query token over all its visible keys, GQA by grouping heads: q [H, hd], k/v [S, Hkv, hd].
-
-    Three small kernels; cheaper than the general SDPA path when there is nothing to mask.
-    """
-    H, hd = q.shape
-    kv_heads = k.shape[1]
-    q = q.view(kv_heads, H // kv_heads, hd)  # query heads grouped under their shared KV head
-    scores = (q @ k.permute(1, 2, 0)) * hd**-0.5  # [Hkv, group, S]
-    return (scores.softmax(-1) @ v.transpose(0, 1)).reshape(1, H * hd)
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -215,17 +199,11 @@ class Llama4:
         elif c.attn_temperature_tuning:
             q = (q * temperature).to(q.dtype)
 
-        first = pos0
-        if layer_cache is not None:
-            k, v, first = layer_cache.extend(k, v, pos0)
-        if T == 1:  # a single new token sees every key its cache returns
-            return F.linear(decode_attention(q[0], k, v), w.o)
-        k_pos = torch.arange(first, first + k.shape[0], device=k.device)
-        mask = visibility(positions, k_pos, c.attention_chunk_size if rope else None)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
-        )
-        return F.linear(out.transpose(0, 1).reshape(T, -1), w.o)
+        if layer_cache is not None:  # the cache stores k/v and attends over whatever tiers hold them
+            out = layer_cache.attend(q, k, v, pos0, positions)
+        else:
+            out = attend(q, k, v, positions, pos0, c.attention_chunk_size if rope else None)
+        return F.linear(out, w.o)
 
     def moe(self, x: torch.Tensor, block: Block) -> torch.Tensor:
         ffn: MoEWeights = block.ffn
@@ -234,7 +212,8 @@ class Llama4:
             self.on_route(block.index, top_experts, scores)
         # tell the expert source everything this step needs first: it starts every copy, and answers
         # with the order to compute in (experts already in place first)
-        wanted = self.experts.prepare(block.index, top_experts.unique().tolist(), x)
+        chosen = top_experts[0].tolist() if x.shape[0] == 1 else top_experts.unique().tolist()
+        wanted = self.experts.prepare(block.index, chosen, x)
         out = swiglu(x, ffn.shared.gate_up, ffn.shared.down)
         if x.shape[0] == 1 and len(wanted) == 1:  # decode, top-1: one expert, no scatter
             return out + self.experts.get(block.index, wanted[0])(x * scores)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from ..cache.kv import KVLayout, kv_type_bytes
 from ..config import DEFAULT_CTX, RuntimeConfig
 from ..errors import MoestreamError
 from ..model.config import ModelConfig
@@ -42,11 +43,50 @@ def resident_bytes(c: ModelConfig, itemsize: int) -> int:
     return n * itemsize
 
 
-def kv_bytes(c: ModelConfig, ctx: int, itemsize: int) -> int:
-    """Keys + values for `ctx` tokens: chunked layers hold one chunk at most, global layers all."""
-    per_token = 2 * c.num_key_value_heads * c.head_dim * itemsize
-    return sum(per_token * (ctx if not c.uses_rope(i) else min(ctx, c.attention_chunk_size))
-               for i in range(c.num_hidden_layers))
+def kv_token_bytes(c: ModelConfig, k_type: str, v_type: str) -> int:
+    """Keys + values of one token in one layer, in the cache types."""
+    return int(c.num_key_value_heads * (kv_type_bytes(k_type, c.head_dim) + kv_type_bytes(v_type, c.head_dim)))
+
+
+def kv_bytes(c: ModelConfig, ctx: int, per_token: int, hot_tokens: int | None = None) -> int:
+    """Device bytes of the KV cache at `ctx` tokens: one chunk per RoPE layer, and per global layer
+    every token (or the hot window when KV spills)."""
+    ring = min(ctx, c.attention_chunk_size) * per_token * (c.num_hidden_layers - len(c.global_layers))
+    held = ctx if hot_tokens is None else min(ctx, hot_tokens)
+    return ring + len(c.global_layers) * held * per_token
+
+
+def kv_layout(c: ModelConfig, rt: RuntimeConfig, dtype: torch.dtype, ctx: int) -> KVLayout:
+    """KV storage types and, under --kv-gpu-mem / --kv-cpu-mem, the tokens each tier holds."""
+    auto = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+    k_type = auto if rt.cache_type_k == "auto" else rt.cache_type_k
+    v_type = auto if rt.cache_type_v == "auto" else rt.cache_type_v
+    layout = KVLayout(k_type, v_type, block=rt.kv_block, disk=rt.kv_disk, max_tokens=ctx)
+    n_global = len(c.global_layers)
+    if rt.kv_gpu_mem is None or n_global == 0:
+        return layout
+    per_token = kv_token_bytes(c, k_type, v_type)
+    ring = kv_bytes(c, ctx, per_token, hot_tokens=0)
+    window = min(ctx, rt.ubatch + rt.kv_block)  # a step's tokens plus one block must fit on the device
+    minimum = ring + n_global * window * per_token
+    if rt.kv_gpu_mem < minimum:
+        raise MoestreamError(
+            f"--kv-gpu-mem {fmt_bytes(rt.kv_gpu_mem)} is below the {fmt_bytes(minimum, up=True)} the KV cache needs on "
+            f"the device (one chunk per RoPE layer + {window} tokens per global layer): use --kv-gpu-mem "
+            f"{fmt_bytes(minimum, up=True)} or more, or a smaller -ub / --kv-block"
+        )
+    layout.hot_tokens = (rt.kv_gpu_mem - ring) // (n_global * per_token)
+    if rt.kv_cpu_mem is not None:
+        block_bytes = n_global * rt.kv_block * per_token
+        layout.host_tokens = rt.kv_cpu_mem // block_bytes * rt.kv_block
+        fits = layout.hot_tokens + layout.host_tokens
+        if rt.kv_disk is None and ctx > fits:
+            raise MoestreamError(
+                f"a context of {ctx} tokens does not fit the KV budgets: at most {fits} tokens fit in "
+                f"--kv-gpu-mem {fmt_bytes(rt.kv_gpu_mem)} + --kv-cpu-mem {fmt_bytes(rt.kv_cpu_mem)}; use -c {fits}, "
+                "raise the budgets, or add --kv-disk PATH"
+            )
+    return layout
 
 
 def workspace_bytes(c: ModelConfig, itemsize: int) -> int:
@@ -63,6 +103,7 @@ class Plan:
     resident_bytes: int
     kv_bytes: int
     workspace_bytes: int
+    kv: KVLayout  # KV storage types and tier sizes
     cache_slots: int  # expert-cache slots on the compute device
     cpu_layers: frozenset[int]  # MoE layers whose experts always run on the CPU (--cpu-moe / --n-cpu-moe)
     host_experts: int  # experts the store keeps in host RAM; the rest are on disk
@@ -93,17 +134,29 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device: torch.device, dtype: to
     n_experts = len(c.moe_layers) * c.num_local_experts
     cpu_layers = frozenset(c.moe_layers if rt.cpu_moe else [i for i in c.moe_layers if i < rt.n_cpu_moe])
     gpu_side = n_experts - len(cpu_layers) * c.num_local_experts
-    res, kv, ws = resident_bytes(c, itemsize), kv_bytes(c, ctx, itemsize), workspace_bytes(c, itemsize)
+    layout = kv_layout(c, rt, dtype, ctx)
+    per_token = kv_token_bytes(c, layout.k_type, layout.v_type)
+    res, kv, ws = resident_bytes(c, itemsize), kv_bytes(c, ctx, per_token, layout.hot_tokens), workspace_bytes(c, itemsize)
     fixed = res + kv + ws
     gpu_mem = rt.gpu_mem if rt.gpu_mem is not None else default_gpu_mem(device)
     need_slot = rt.cpu_experts == "never" and gpu_side > 0
     minimum = fixed + (eb if need_slot else 0)
     if gpu_mem is not None and gpu_mem < minimum:
+        spare = gpu_mem - (minimum - kv)  # what is left for KV
+        largest = 0
+        if spare > 0:  # the largest context whose device KV fits (device KV grows with the context)
+            lo, hi = 0, ctx
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if kv_bytes(c, mid, per_token, layout.hot_tokens) <= spare else (lo, mid - 1)
+            largest = lo
         raise MoestreamError(
             f"--gpu-mem {fmt_bytes(gpu_mem)} is below the {fmt_bytes(minimum)} this model needs at -c {ctx} "
             f"(resident weights {fmt_bytes(res)} + KV {fmt_bytes(kv)} + workspace {fmt_bytes(ws)}"
             + (f" + one expert slot {fmt_bytes(eb)}" if need_slot else "")
-            + f"): use --gpu-mem {fmt_bytes(minimum, up=True)} or more, or a smaller -c"
+            + f"): use --gpu-mem {fmt_bytes(minimum, up=True)} or more"
+            + (f", or -c {largest} (the largest context that fits)" if largest > 0 else "")
+            + (", or --kv-gpu-mem to spill KV to host RAM" if rt.kv_gpu_mem is None and c.global_layers else "")
         )
     if rt.expert_cache is not None:
         slots = rt.expert_cache // eb
@@ -130,4 +183,4 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device: torch.device, dtype: to
         host = min(n_experts, rt.cpu_mem // eb)
     else:
         host = min(n_experts, int(psutil.virtual_memory().available * 0.8) // eb)
-    return Plan(ctx, eb, n_experts, res, kv, ws, slots, cpu_layers, host, resident, gpu_mem)
+    return Plan(ctx, eb, n_experts, res, kv, ws, layout, slots, cpu_layers, host, resident, gpu_mem)
