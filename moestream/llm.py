@@ -31,7 +31,8 @@ from .stats import Stats
 
 
 class LLM:
-    def __init__(self, runtime: RuntimeConfig):
+    def __init__(self, runtime: RuntimeConfig, progress: Callable[[int, int], None] | None = None):
+        """progress(bytes_done_now, bytes_total) is called while experts are placed in host RAM / on disk."""
         t0 = time.perf_counter()
         self.runtime = runtime
         if runtime.threads:
@@ -52,7 +53,7 @@ class LLM:
 
             KVDisk(self.plan.kv.disk).close()
         self.model = Llama4.from_checkpoint(self.checkpoint, None, self.device, self.dtype)
-        self.experts = self._place_experts()
+        self.experts = self._place_experts(progress)
         self.model.experts = self.experts
         self.recorder = None
         if runtime.record_routing is not None:
@@ -74,7 +75,7 @@ class LLM:
         self._cache_ids: list[int] = []  # the tokens whose keys/values the cache holds
         self._stats = Stats(load_seconds=time.perf_counter() - t0)
 
-    def _place_experts(self):
+    def _place_experts(self, progress=None):
         """Every expert resident (read on first use), or the offload engine the plan calls for."""
         if self.plan.resident:
             return ResidentExperts(self.checkpoint, self.device, self.dtype)
@@ -89,8 +90,10 @@ class LLM:
         gpu_layers = [layer for layer in c.moe_layers if layer not in plan.cpu_layers]
         # CPU-run layers first, so a short --cpu-mem keeps the experts the CPU reads in RAM
         keys = [(layer, e) for layer in sorted(plan.cpu_layers) + gpu_layers for e in range(c.num_local_experts)]
+        total = len(keys) * plan.expert_bytes
         store = ExpertStore(self.checkpoint, keys, plan.host_experts, self.dtype, pin=self.device.type == "cuda",
-                            expert_dir=rt.expert_dir, repack=rt.repack)
+                            expert_dir=rt.expert_dir, repack=rt.repack,
+                            progress=(lambda n: progress(n, total)) if progress else None)
         cache = ExpertCache(plan.cache_slots, c.hidden_size, c.intermediate_size, self.device, self.dtype,
                             rt.cache_policy, rt.cache_split, gpu_layers)
         prefetcher = None
@@ -182,12 +185,12 @@ class LLM:
         params = params or SamplingParams()
         if stop_ids is None:
             stop_ids = set() if params.ignore_eos else self.stop_ids
-        prompt_ids = self._ids(prompt_ids).tolist()
         if len(prompt_ids) >= self.ctx_size:
             raise MoestreamError(
                 f"the prompt is {len(prompt_ids)} tokens and the context holds {self.ctx_size}: "
                 "start a new conversation (/clear) or raise -c"
             )
+        prompt_ids = self._ids(prompt_ids).tolist()
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         n = len(self._cache_ids)
         if self._cache is None or n >= len(prompt_ids) or prompt_ids[:n] != self._cache_ids:

@@ -114,18 +114,23 @@ def cli():
     """Run giant mixture-of-experts Llama 4 models on one GPU (or a CPU)."""
 
 
-def load_llm(runtime: RuntimeConfig):
-    from ..llm import LLM
-
-    llm = LLM(runtime)
+def register(llm):
+    """Close the model when the command ends (finish copies, flush the trace) and show its notes."""
     ctx = click.get_current_context(silent=True)
     if ctx is not None:
-        ctx.call_on_close(llm.close)  # finish copies, flush the routing trace
+        ctx.call_on_close(llm.close)
     for note in llm.notes:
         click.echo(f"note: {note}", err=True)
     return llm
 
 
+def load_llm(runtime: RuntimeConfig):
+    from ..llm import LLM
+
+    return register(LLM(runtime))
+
+
 from . import bench as _bench  # noqa: E402,F401  (registers the commands)
 from . import chat as _chat  # noqa: E402,F401
+from . import plan as _plan  # noqa: E402,F401
 from . import generate as _generate  # noqa: E402,F401

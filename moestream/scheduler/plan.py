@@ -56,8 +56,9 @@ def kv_bytes(c: ModelConfig, ctx: int, per_token: int, hot_tokens: int | None = 
     return ring + len(c.global_layers) * held * per_token
 
 
-def kv_layout(c: ModelConfig, rt: RuntimeConfig, dtype: torch.dtype, ctx: int) -> KVLayout:
+def kv_layout(c: ModelConfig, rt: RuntimeConfig, dtype: torch.dtype, ctx: int, problem=None) -> KVLayout:
     """KV storage types and, under --kv-gpu-mem / --kv-cpu-mem, the tokens each tier holds."""
+    problem = problem or _raise
     auto = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
     k_type = auto if rt.cache_type_k == "auto" else rt.cache_type_k
     v_type = auto if rt.cache_type_v == "auto" else rt.cache_type_v
@@ -70,18 +71,19 @@ def kv_layout(c: ModelConfig, rt: RuntimeConfig, dtype: torch.dtype, ctx: int) -
     window = min(ctx, rt.ubatch + rt.kv_block)  # a step's tokens plus one block must fit on the device
     minimum = ring + n_global * window * per_token
     if rt.kv_gpu_mem < minimum:
-        raise MoestreamError(
+        problem(
             f"--kv-gpu-mem {fmt_bytes(rt.kv_gpu_mem)} is below the {fmt_bytes(minimum, up=True)} the KV cache needs on "
             f"the device (one chunk per RoPE layer + {window} tokens per global layer): use --kv-gpu-mem "
             f"{fmt_bytes(minimum, up=True)} or more, or a smaller -ub / --kv-block"
         )
+        return layout
     layout.hot_tokens = (rt.kv_gpu_mem - ring) // (n_global * per_token)
     if rt.kv_cpu_mem is not None:
         block_bytes = n_global * rt.kv_block * per_token
         layout.host_tokens = rt.kv_cpu_mem // block_bytes * rt.kv_block
         fits = layout.hot_tokens + layout.host_tokens
         if rt.kv_disk is None and ctx > fits:
-            raise MoestreamError(
+            problem(
                 f"a context of {ctx} tokens does not fit the KV budgets: at most {fits} tokens fit in "
                 f"--kv-gpu-mem {fmt_bytes(rt.kv_gpu_mem)} + --kv-cpu-mem {fmt_bytes(rt.kv_cpu_mem)}; use -c {fits}, "
                 "raise the budgets, or add --kv-disk PATH"
@@ -109,6 +111,7 @@ class Plan:
     host_experts: int  # experts the store keeps in host RAM; the rest are on disk
     resident: bool  # every GPU-side expert has a slot: no store, no copies after first use
     gpu_mem: int | None
+    problems: list[str]  # why it cannot run (only with strict=False)
 
     @property
     def device_bytes(self) -> int:
@@ -127,14 +130,28 @@ def default_gpu_mem(device: torch.device) -> int | None:
     return int(free * 0.9)
 
 
-def make_plan(c: ModelConfig, rt: RuntimeConfig, device: torch.device, dtype: torch.dtype) -> Plan:
+def _raise(message: str):
+    raise MoestreamError(message)
+
+
+def make_plan(c: ModelConfig, rt: RuntimeConfig, device: torch.device, dtype: torch.dtype,
+              expert_bytes: int | None = None, strict: bool = True) -> Plan:
+    """Placement from shapes and budgets. strict: a budget that cannot work raises MoestreamError;
+    otherwise (the `plan` command) the reasons are collected in plan.problems and the plan goes on."""
+    problems: list[str] = []
+
+    def problem(message: str) -> None:
+        if strict:
+            _raise(message)
+        problems.append(message)
+
     itemsize = torch.empty((), dtype=dtype).element_size()
     ctx = rt.ctx_size or min(c.max_position_embeddings, DEFAULT_CTX)
-    eb = c.expert_numel * itemsize
+    eb = expert_bytes or c.expert_numel * itemsize
     n_experts = len(c.moe_layers) * c.num_local_experts
     cpu_layers = frozenset(c.moe_layers if rt.cpu_moe else [i for i in c.moe_layers if i < rt.n_cpu_moe])
     gpu_side = n_experts - len(cpu_layers) * c.num_local_experts
-    layout = kv_layout(c, rt, dtype, ctx)
+    layout = kv_layout(c, rt, dtype, ctx, problem)
     per_token = kv_token_bytes(c, layout.k_type, layout.v_type)
     res, kv, ws = resident_bytes(c, itemsize), kv_bytes(c, ctx, per_token, layout.hot_tokens), workspace_bytes(c, itemsize)
     fixed = res + kv + ws
@@ -150,7 +167,7 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device: torch.device, dtype: to
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if kv_bytes(c, mid, per_token, layout.hot_tokens) <= spare else (lo, mid - 1)
             largest = lo
-        raise MoestreamError(
+        problem(
             f"--gpu-mem {fmt_bytes(gpu_mem)} is below the {fmt_bytes(minimum)} this model needs at -c {ctx} "
             f"(resident weights {fmt_bytes(res)} + KV {fmt_bytes(kv)} + workspace {fmt_bytes(ws)}"
             + (f" + one expert slot {fmt_bytes(eb)}" if need_slot else "")
@@ -161,7 +178,7 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device: torch.device, dtype: to
     if rt.expert_cache is not None:
         slots = rt.expert_cache // eb
         if gpu_mem is not None and fixed + slots * eb > gpu_mem:
-            raise MoestreamError(
+            problem(
                 f"--expert-cache {fmt_bytes(rt.expert_cache)} does not fit in --gpu-mem {fmt_bytes(gpu_mem)} "
                 f"beside {fmt_bytes(fixed)} of resident weights, KV and workspace: use --expert-cache "
                 f"{fmt_bytes((gpu_mem - fixed) // eb * eb)} or less"
@@ -170,11 +187,11 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device: torch.device, dtype: to
         slots = gpu_side
     else:
         slots = (gpu_mem - fixed) // eb
-    slots = min(slots, gpu_side)
+    slots = max(0, min(slots, gpu_side))
     if need_slot and slots < 1:
-        raise MoestreamError(f"--expert-cache must hold at least one expert ({fmt_bytes(eb)}) with --cpu-experts never")
+        problem(f"--expert-cache must hold at least one expert ({fmt_bytes(eb)}) with --cpu-experts never")
     if rt.cache_split == "per-layer" and need_slot and slots < len(c.moe_layers) - len(cpu_layers):
-        raise MoestreamError(
+        problem(
             f"--cache-split per-layer needs one slot per MoE layer ({len(c.moe_layers) - len(cpu_layers)} x "
             f"{fmt_bytes(eb)}) with --cpu-experts never: raise --expert-cache"
         )
@@ -183,4 +200,38 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device: torch.device, dtype: to
         host = min(n_experts, rt.cpu_mem // eb)
     else:
         host = min(n_experts, int(psutil.virtual_memory().available * 0.8) // eb)
-    return Plan(ctx, eb, n_experts, res, kv, ws, layout, slots, cpu_layers, host, resident, gpu_mem)
+    return Plan(ctx, eb, n_experts, res, kv, ws, layout, slots, cpu_layers, host, resident, gpu_mem, problems)
+
+
+# --- presets with the real shapes, for `moestream plan --preset` (no checkpoint needed) ----------
+_LLAMA4 = dict(architectures=["Llama4ForCausalLM"], model_type="llama4_text", vocab_size=202048, hidden_size=5120,
+               intermediate_size=8192, intermediate_size_mlp=16384, num_hidden_layers=48, num_attention_heads=40,
+               num_key_value_heads=8, head_dim=128, num_experts_per_tok=1, attention_chunk_size=8192,
+               rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=200000, eos_token_id=[200001, 200007, 200008],
+               torch_dtype="bfloat16")
+PRESETS = {
+    "scout": dict(_LLAMA4, num_local_experts=16, interleave_moe_layer_step=1, use_qk_norm=True,
+                  max_position_embeddings=10485760,
+                  rope_scaling=dict(rope_type="llama3", factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
+                                    original_max_position_embeddings=8192)),
+    "maverick": dict(_LLAMA4, num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False,
+                     max_position_embeddings=1048576),
+}
+HF_IDS = {"scout": "meta-llama/Llama-4-Scout-17B-16E-Instruct", "maverick": "meta-llama/Llama-4-Maverick-17B-128E-Instruct"}
+EXPERT_DTYPE_BYTES = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5 + 2 / 128}  # int4: a bf16 scale per group of 128
+
+
+def largest_context(c: ModelConfig, rt: RuntimeConfig, device, dtype, expert_bytes: int | None = None) -> int:
+    """The longest -c whose plan has no problem under these budgets (0 if none)."""
+    from dataclasses import replace
+
+    def fits(ctx: int) -> bool:
+        return not make_plan(c, replace(rt, ctx_size=ctx), device, dtype, expert_bytes, strict=False).problems
+
+    lo, hi = 0, c.max_position_embeddings
+    if fits(hi):
+        return hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
