@@ -135,6 +135,7 @@ class RuntimeConfig:
     cache_type_k: str = "auto"  # f32 | f16 | bf16 | q8_0; auto = the compute dtype
     cache_type_v: str = "auto"
     kv_block: int = 256  # tokens per spilled KV block
+    profile: Path | None = None  # write trace.json, summary.json, routing.jsonl, report.md here
 
     @property
     def offloading(self) -> bool:
@@ -146,7 +147,7 @@ class RuntimeConfig:
               expert_cache=None, cpu_experts="auto", cache_policy="lfu", cache_split="auto", prefetch=1,
               cpu_moe=False, n_cpu_moe=0, expert_dir=None, repack=True, record_routing=None, kv_gpu_mem=None,
               kv_cpu_mem=None, kv_disk=None, ubatch=512, cache_type_k="auto", cache_type_v="auto",
-              kv_block=256) -> "RuntimeConfig":
+              kv_block=256, profile=None) -> "RuntimeConfig":
         """Parse and check every setting once (sizes, counts, choices); raises MoestreamError."""
         size = lambda v, what: parse_size(v, what) if v is not None else None  # noqa: E731
         if int(prefetch) < 0 or int(n_cpu_moe) < 0:
@@ -176,4 +177,5 @@ class RuntimeConfig:
             cache_type_k=_choice(cache_type_k, KV_CACHE_TYPES, "-ctk/--cache-type-k"),
             cache_type_v=_choice(cache_type_v, KV_CACHE_TYPES, "-ctv/--cache-type-v"),
             kv_block=_positive(kv_block, "--kv-block"),
+            profile=Path(profile) if profile else None,
         )

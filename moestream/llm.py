@@ -27,6 +27,7 @@ from .model.sampling import SamplingParams, sample
 from .model.tokenizer import Tokenizer
 from .offload.store import ResidentExperts
 from .scheduler.plan import Plan, make_plan
+from .profiling.recorder import NULL
 from .stats import Stats
 
 
@@ -55,18 +56,6 @@ class LLM:
         self.model = Llama4.from_checkpoint(self.checkpoint, None, self.device, self.dtype)
         self.experts = self._place_experts(progress)
         self.model.experts = self.experts
-        self.recorder = None
-        if runtime.record_routing is not None:
-            from .scheduler.routing import RoutingRecorder
-
-            c = self.config
-            self.recorder = RoutingRecorder(runtime.record_routing, {
-                "model": str(runtime.model), "moe_layers": c.moe_layers, "num_experts": c.num_local_experts,
-                "top_k": c.num_experts_per_tok, "expert_bytes": self.plan.expert_bytes})
-            self.model.on_route = self.recorder
-            prefetcher = getattr(self.experts, "prefetcher", None)
-            if prefetcher is not None:
-                self.recorder.guesses = prefetcher.guess_for
         has_tokenizer = (Path(runtime.model) / "tokenizer.json").exists()
         self.tokenizer = Tokenizer(runtime.model, self.config.eos_token_ids) if has_tokenizer else None
         self.stop_ids = self.tokenizer.stop_ids if self.tokenizer else set(self.config.eos_token_ids)
@@ -74,6 +63,30 @@ class LLM:
         self._kv_counters = None  # of the last cache used (for stats after logits() / reset())
         self._cache_ids: list[int] = []  # the tokens whose keys/values the cache holds
         self._stats = Stats(load_seconds=time.perf_counter() - t0)
+        self._observe(runtime)
+
+    def _observe(self, runtime: RuntimeConfig) -> None:
+        """Routing trace (--record-routing) and profiling (--profile), when asked for."""
+        self.routing_trace = None
+        self.rec = NULL  # the profiling Recorder (profiling/recorder.py); NULL = off
+        self.profile = None
+        if runtime.profile is not None:
+            from .profiling.report import Profile
+
+            self.profile = Profile(self, runtime.profile)  # installs a Recorder in every part
+            if runtime.record_routing is None:
+                runtime = self.runtime = replace(runtime, record_routing=runtime.profile / "routing.jsonl")
+        if runtime.record_routing is not None:
+            from .scheduler.routing import RoutingRecorder
+
+            c = self.config
+            self.routing_trace = RoutingRecorder(runtime.record_routing, {
+                "model": str(runtime.model), "moe_layers": c.moe_layers, "num_experts": c.num_local_experts,
+                "top_k": c.num_experts_per_tok, "expert_bytes": self.plan.expert_bytes})
+            self.model.on_route = self.routing_trace
+            prefetcher = getattr(self.experts, "prefetcher", None)
+            if prefetcher is not None:
+                self.routing_trace.guesses = prefetcher.guess_for
 
     def _place_experts(self, progress=None):
         """Every expert resident (read on first use), or the offload engine the plan calls for."""
@@ -127,7 +140,9 @@ class LLM:
         """A fresh KV cache laid out as planned; the one held for the conversation is dropped first
         (it may own the KV disk file)."""
         self.reset()
-        return KVCache(self.config, self.device, self.dtype, self.plan.kv)
+        cache = KVCache(self.config, self.device, self.dtype, self.plan.kv)
+        cache.set_recorder(self.rec)
+        return cache
 
     def _forward(self, ids: torch.Tensor, cache: KVCache, step: int, last_only: bool = False) -> torch.Tensor:
         """Feed ids through the cache `step` tokens at a time (prefill micro-batches, -ub)."""
@@ -198,11 +213,15 @@ class LLM:
         s = self._stats
         s.prompt_tokens, s.generated_tokens, s.generation_seconds = len(prompt_ids) - n, 0, 0.0
 
+        rec = self.rec
         t0 = time.perf_counter()
-        logits = self._step(prompt_ids[n:])
-        self._sync()
+        with rec.span("prefill", tokens=s.prompt_tokens):
+            logits = self._step(prompt_ids[n:])
+            self._sync()
         s.prompt_seconds = time.perf_counter() - t0
         s.total_prompt_tokens += s.prompt_tokens
+        if self.profile is not None:
+            self.profile.step("prefill", s.prompt_tokens, s.prompt_seconds)
 
         out: list[int] = []
         previous = torch.tensor(prompt_ids, dtype=torch.long, device=logits.device)
@@ -210,7 +229,10 @@ class LLM:
         t0 = time.perf_counter()
         try:
             while len(out) < budget:
-                token = sample(logits, params, previous, generator)
+                t_token = time.perf_counter()
+                start = rec.now()
+                with rec.span("sample", track="sampling"):
+                    token = sample(logits, params, previous, generator)
                 out.append(token)
                 s.generated_tokens += 1
                 s.total_generated_tokens += 1
@@ -222,6 +244,10 @@ class LLM:
                     break
                 previous = torch.cat([previous, previous.new_tensor([token])])
                 logits = self._step([token])
+                if rec.enabled:
+                    self._sync()
+                    rec.complete("token", start, rec.now(), index=len(out))
+                    self.profile.step("decode", 1, time.perf_counter() - t_token)
         finally:
             self._sync()
             s.generation_seconds = time.perf_counter() - t0
@@ -282,6 +308,7 @@ class LLM:
                 expert_hits=counters.hits, expert_misses=counters.misses, expert_fetches=counters.fetches,
                 prefetch_issued=counters.prefetch_issued, prefetch_hits=counters.prefetch_hits,
                 prefetch_wasted=counters.prefetch_wasted, cpu_experts=counters.cpu_experts,
+                cpu_expert_seconds=counters.cpu_seconds,
                 stall_seconds=counters.stall_seconds, bytes_host_to_device=ex.transfer.bytes_host_to_device,
                 bytes_disk_to_host=ex.transfer.bytes_disk_to_host, host_expert_bytes=ex.store.host_bytes,
                 disk_experts=len(ex.store.disk_keys),
@@ -304,13 +331,17 @@ class LLM:
         return snap
 
     def close(self) -> None:
-        """Finish in-flight copies, stop the copy worker, flush the routing trace, close the KV file."""
+        """Write the profile, finish in-flight copies, stop the copy worker, flush the routing trace,
+        close the KV file."""
+        if self.profile is not None:
+            self.profile.write()
+            self.profile = None
         self.reset()
         if hasattr(self.experts, "close"):
             self.experts.close()
-        if self.recorder is not None:
-            self.recorder.close()
-            self.recorder = None
+        if self.routing_trace is not None:
+            self.routing_trace.close()
+            self.routing_trace = None
 
 
 def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto", ctx_size: int | str = 0,

@@ -33,6 +33,7 @@ class Stats:
     prefetch_hits: int = 0
     prefetch_wasted: int = 0
     cpu_experts: int = 0  # expert runs on the CPU
+    cpu_expert_seconds: float = 0.0
     stall_seconds: float = 0.0  # host time blocked on copies / disk reads
     bytes_host_to_device: int = 0
     bytes_disk_to_host: int = 0

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import MoestreamError
 from ..model.attention import attend, attention_part, merge_parts
+from ..profiling.recorder import NULL
 
 KV_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "q8_0": torch.int8}
 
@@ -204,6 +205,7 @@ class ChunkKV:
     def __init__(self, chunk: int, kv_heads: int, head_dim: int, device, dtype, layout: KVLayout):
         self.chunk, self.dtype = chunk, dtype
         self.store = KVPair(chunk, kv_heads, head_dim, layout.k_type, layout.v_type, device)
+        self.rec = NULL
         self.start = 0  # absolute position of slot 0
         self.n = 0  # filled slots
 
@@ -243,6 +245,7 @@ class GlobalKV:
         self.layer, self.device, self.dtype, self.layout = layer, torch.device(device), dtype, layout
         self.heads, self.head_dim = kv_heads, head_dim
         self.disk, self.counters = disk, counters
+        self.rec = NULL
         self.pin = self.device.type == "cuda"
         first = min(layout.max_tokens, layout.hot_tokens or 256, 256)
         self.hot = KVPair(max(first, 1), kv_heads, head_dim, layout.k_type, layout.v_type, device)
@@ -254,6 +257,10 @@ class GlobalKV:
 
     # --- placement ---------------------------------------------------------------------------------
     def _spill_block(self) -> None:
+        with self.rec.span("kv spill", layer=self.layer, tokens=self.layout.block):
+            self._spill()
+
+    def _spill(self) -> None:
         """Move the oldest hot block to host RAM (and the oldest host block to disk if host is full)."""
         B, lay = self.layout.block, self.layout
         if lay.host_tokens is not None and self.n_host + B > lay.host_tokens:
@@ -305,7 +312,10 @@ class GlobalKV:
             out = attend(q, hot_k, hot_v, q_pos, 0, None)
             self.counters.seconds["device"] += time.perf_counter() - t0
             return out
-        parts = self._disk_parts(q) + self._host_parts(q)
+        with self.rec.span("kv disk blocks", "disk", layer=self.layer, blocks=len(self.disk_blocks)):
+            parts = self._disk_parts(q)
+        with self.rec.span("kv host blocks", layer=self.layer, tokens=self.n_host):
+            parts += self._host_parts(q)
         t0 = time.perf_counter()
         mask = None
         if q.shape[0] > 1:
@@ -396,6 +406,10 @@ class KVCache:
         if g is None:
             return {"device": self.pos, "host": 0, "disk": 0}
         return {"device": g.n_hot, "host": g.n_host, "disk": len(g.disk_blocks) * self.layout.block}
+
+    def set_recorder(self, rec) -> None:
+        for layer in self.layers:
+            layer.rec = rec
 
     def close(self) -> None:
         if self.disk is not None:

@@ -61,16 +61,18 @@ def runtime_options(fn):
     @click.option("-ctv", "--cache-type-v", type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0"]), default="auto",
                   show_default=True, help="KV type for values.")
     @click.option("--kv-block", type=int, default=256, show_default=True, help="Tokens per spilled KV block.")
+    @click.option("--profile", "profile", type=click.Path(file_okay=False), default=None,
+                  help="Write trace.json (Perfetto), summary.json, routing.jsonl and report.md to DIR.")
     @functools.wraps(fn)
     def wrapper(*args, model, device, dtype, ctx_size, threads, gpu_mem, cpu_mem, expert_cache, cpu_experts,
                 cache_policy, cache_split, prefetch, cpu_moe, n_cpu_moe, expert_dir, no_repack, record_routing,
-                kv_gpu_mem, kv_cpu_mem, kv_disk, ubatch, cache_type_k, cache_type_v, kv_block, **kwargs):
+                kv_gpu_mem, kv_cpu_mem, kv_disk, ubatch, cache_type_k, cache_type_v, kv_block, profile, **kwargs):
         runtime = RuntimeConfig.build(
             model, device, dtype, ctx_size if ctx_size != "0" else 0, threads, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
             expert_cache=expert_cache, cpu_experts=cpu_experts, cache_policy=cache_policy, cache_split=cache_split,
             prefetch=prefetch, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, expert_dir=expert_dir, repack=not no_repack,
             record_routing=record_routing, kv_gpu_mem=kv_gpu_mem, kv_cpu_mem=kv_cpu_mem, kv_disk=kv_disk,
-            ubatch=ubatch, cache_type_k=cache_type_k, cache_type_v=cache_type_v, kv_block=kv_block)
+            ubatch=ubatch, cache_type_k=cache_type_k, cache_type_v=cache_type_v, kv_block=kv_block, profile=profile)
         return fn(*args, runtime=runtime, **kwargs)
 
     return wrapper
@@ -133,4 +135,5 @@ def load_llm(runtime: RuntimeConfig):
 from . import bench as _bench  # noqa: E402,F401  (registers the commands)
 from . import chat as _chat  # noqa: E402,F401
 from . import plan as _plan  # noqa: E402,F401
+from . import report as _report  # noqa: E402,F401
 from . import generate as _generate  # noqa: E402,F401

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache.kv import KVCache
+from ..profiling.recorder import NULL
 from .attention import attend
 from .checkpoint import Checkpoint
 from .config import ModelConfig
@@ -127,6 +128,7 @@ class Llama4:
         self.device, self.dtype = torch.device(device), dtype
         self.inv_freq = rope_inv_freq(config).to(self.device)
         self.on_route = None  # optional hook(layer, experts [T, k], scores [T, k]) for routing traces
+        self.rec = NULL  # profiling recorder (spans); NULL when profiling is off
         self.resident_bytes = sum(t.numel() * t.element_size() for t in self.resident_tensors())
 
     def resident_tensors(self) -> list[torch.Tensor]:
@@ -172,12 +174,19 @@ class Llama4:
         rotations = rope_rotations(self.inv_freq, positions)
         temperature = attention_temperature(positions, self.config)[:, None, None]
         x = F.embedding(ids.to(self.device), self.embed)
+        rec = self.rec
         for block in self.blocks:
             layer_cache = cache.layers[block.index] if cache is not None else None
-            h = rms_norm(x, block.attn_norm, self.config.rms_norm_eps)
-            x = x + self.attention(h, block, pos0, positions, rotations, temperature, layer_cache)
-            h = rms_norm(x, block.ffn_norm, self.config.rms_norm_eps)
-            x = x + (self.moe(h, block) if isinstance(block.ffn, MoEWeights) else swiglu(h, block.ffn.gate_up, block.ffn.down))
+            with rec.span("layer", layer=block.index):
+                h = rms_norm(x, block.attn_norm, self.config.rms_norm_eps)
+                with rec.span("attention", layer=block.index):
+                    x = x + self.attention(h, block, pos0, positions, rotations, temperature, layer_cache)
+                h = rms_norm(x, block.ffn_norm, self.config.rms_norm_eps)
+                if isinstance(block.ffn, MoEWeights):
+                    x = x + self.moe(h, block)
+                else:
+                    with rec.span("dense mlp", layer=block.index):
+                        x = x + swiglu(h, block.ffn.gate_up, block.ffn.down)
         if cache is not None:
             cache.pos += ids.shape[0]
         if last_only:
@@ -207,18 +216,22 @@ class Llama4:
 
     def moe(self, x: torch.Tensor, block: Block) -> torch.Tensor:
         ffn: MoEWeights = block.ffn
-        top_experts, scores, _ = route(x, ffn.router, self.config.num_experts_per_tok)
-        if self.on_route is not None:
-            self.on_route(block.index, top_experts, scores)
-        # tell the expert source everything this step needs first: it starts every copy, and answers
-        # with the order to compute in (experts already in place first)
-        chosen = top_experts[0].tolist() if x.shape[0] == 1 else top_experts.unique().tolist()
-        wanted = self.experts.prepare(block.index, chosen, x)
-        out = swiglu(x, ffn.shared.gate_up, ffn.shared.down)
-        if x.shape[0] == 1 and len(wanted) == 1:  # decode, top-1: one expert, no scatter
-            return out + self.experts.get(block.index, wanted[0])(x * scores)
+        rec, layer = self.rec, block.index
+        with rec.span("router", layer=layer):
+            top_experts, scores, _ = route(x, ffn.router, self.config.num_experts_per_tok)
+            if self.on_route is not None:
+                self.on_route(layer, top_experts, scores)
+            # tell the expert source everything this step needs first: it starts every copy, and
+            # answers with the order to compute in (experts already in place first)
+            chosen = top_experts[0].tolist() if x.shape[0] == 1 else top_experts.unique().tolist()
+            wanted = self.experts.prepare(layer, chosen, x)
+        with rec.span("shared expert", layer=layer):
+            out = swiglu(x, ffn.shared.gate_up, ffn.shared.down)
         for e in wanted:
-            rows, slots = (top_experts == e).nonzero(as_tuple=True)
-            expert = self.experts.get(block.index, e)  # the only place routed weights are touched
-            out.index_add_(0, rows, expert(x[rows] * scores[rows, slots, None]))
+            expert = self.experts.get(layer, e)  # the only place routed weights are touched
+            with rec.span("expert", "CPU experts" if expert.on_cpu else "compute", layer=layer, expert=e):
+                if x.shape[0] == 1 and len(wanted) == 1:  # decode, top-1: one expert, no scatter
+                    return out + expert(x * scores)
+                rows, slots = (top_experts == e).nonzero(as_tuple=True)
+                out.index_add_(0, rows, expert(x[rows] * scores[rows, slots, None]))
         return out

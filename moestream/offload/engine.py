@@ -13,6 +13,7 @@ tokens' activations across the bus.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ class OffloadCounters:
     prefetch_wasted: int = 0  # prefetched experts evicted before any use
     cpu_experts: int = 0  # expert runs on the CPU
     stall_seconds: float = 0.0  # host time blocked waiting for copies or disk reads
+    cpu_seconds: float = 0.0  # time spent running experts on the CPU
 
 
 DEFERRED = object()  # a fetch that waits for a slot to be released within the same step
@@ -42,14 +44,17 @@ DEFERRED = object()  # a fetch that waits for a slot to be released within the s
 class CPUExpert:
     """Runs an expert from host RAM: only the tokens' activations move between devices."""
 
-    __slots__ = ("expert",)
+    __slots__ = ("expert", "counters")
+    on_cpu = True
 
-    def __init__(self, expert: PackedExpert):
-        self.expert = expert
+    def __init__(self, expert: PackedExpert, counters: OffloadCounters):
+        self.expert, self.counters = expert, counters
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.expert(x.to("cpu", self.expert.buffer.dtype))
-        return y.to(x.device, x.dtype)
+        t0 = time.perf_counter()
+        y = self.expert(x.to("cpu", self.expert.buffer.dtype)).to(x.device, x.dtype)
+        self.counters.cpu_seconds += time.perf_counter() - t0
+        return y
 
 
 class OffloadedExperts:
@@ -140,10 +145,10 @@ class OffloadedExperts:
     def _on_cpu(self, key) -> CPUExpert:
         self.counters.cpu_experts += 1
         if self.store.tier(key) == "host":
-            return CPUExpert(self.store.host_expert(key))
+            return CPUExpert(self.store.host_expert(key), self.counters)
         buffer = torch.empty(self.store.numel, dtype=self.store.dtype)
         self.transfer.bytes_disk_to_host += self.store.read_into(key, buffer)
-        return CPUExpert(PackedExpert(buffer, self.store.hidden, self.store.inter))
+        return CPUExpert(PackedExpert(buffer, self.store.hidden, self.store.inter), self.counters)
 
     def _prefetch(self, layer: int, h: torch.Tensor, protect: set) -> None:
         guesses = self.prefetcher.predict(layer, h)

@@ -29,6 +29,7 @@ class PackedExpert:
     """One routed expert: buffer = [gate_up (D x 2F) | down (F x D)], x@W orientation."""
 
     __slots__ = ("buffer", "gate_up", "down")
+    on_cpu = False  # runs where its buffer is (the compute device)
 
     def __init__(self, buffer: torch.Tensor, hidden: int, inter: int):
         self.buffer = buffer

@@ -20,6 +20,7 @@ from concurrent.futures import Future
 import torch
 
 from ..cache.experts import ExpertCache
+from ..profiling.recorder import NULL
 from .store import ExpertStore
 
 DEMAND, PREFETCH = 0, 1  # worker priorities: lower runs first
@@ -80,6 +81,7 @@ class TransferEngine:
         self._stop = weakref.finalize(self, self.worker.close)  # also at interpreter exit
         self.bytes_host_to_device = 0
         self.bytes_disk_to_host = 0
+        self.rec = NULL  # profiling recorder: copies get spans on their own tracks
         if self.cuda:
             self.demand_stream = torch.cuda.Stream(device, priority=-1)
             self.prefetch_stream = torch.cuda.Stream(device)
@@ -95,8 +97,12 @@ class TransferEngine:
         priority = PREFETCH if prefetch else DEMAND
         if not self.cuda:
             job = (self.store.read_into, key, dst) if on_disk else (dst.copy_, self.store.host[self.store.host_index[key]])
+            if self.rec.enabled:
+                job = (self._recorded, job, key, prefetch, on_disk)
             return Ticket(future=self.worker.submit(priority, *job), prefetch=prefetch)
 
+        if self.rec.enabled:
+            self.rec.counter("expert copies in flight", prefetch=int(prefetch), demand=int(not prefetch))
         stream = self.prefetch_stream if prefetch else self.demand_stream
         ready = torch.cuda.Event()
         ready.record()  # the slot's previous occupant may still be read by queued compute
@@ -117,6 +123,12 @@ class TransferEngine:
             done.synchronize()  # the staging buffer is reused by the next read
 
         return Ticket(future=self.worker.submit(priority, from_disk), event=done, prefetch=prefetch)
+
+    def _recorded(self, job, key, prefetch: bool, on_disk: bool):
+        """Run a copy job with a span on the disk or H2D track (CPU twin of the CUDA copy streams)."""
+        with self.rec.span("expert read" if on_disk else "expert copy", "disk" if on_disk else "H2D stream",
+                           layer=key[0], expert=key[1], prefetch=prefetch):
+            return job[0](*job[1:])
 
     def close(self) -> None:
         self._stop()

@@ -1,0 +1,44 @@
+"""`moestream report DIR`: a recorded profile as terminal tables and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import MoestreamError
+from ..profiling.report import PLOTS_HINT, markdown, plots
+from .main import cli
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--no-plots", is_flag=True, help="Only the tables.")
+def report(directory, no_plots):
+    """Show a --profile DIR: summary tables, and plots written to DIR/plots/."""
+    path = Path(directory) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except OSError as e:
+        raise MoestreamError(f"cannot read {path} ({e.strerror}): record one with --profile {directory}") from None
+    except ValueError:
+        raise MoestreamError(f"{path} is not valid JSON: record the profile again") from None
+    con = Console(highlight=False)
+    table = Table(title=f"profile of {summary['model']}", show_header=False)
+    for line in markdown(summary).splitlines():
+        if line.startswith("| ") and not line.startswith("| |"):
+            key, value = line.strip("| ").split(" | ", 1)
+            table.add_row(key, value)
+    con.print(table)
+    if no_plots:
+        return
+    try:
+        files = plots(summary, Path(directory) / "plots")
+    except ImportError:
+        con.print(f"plots: {PLOTS_HINT}", style="dim", markup=False)
+        return
+    for f in files:
+        con.print(f"wrote {f}", markup=False)

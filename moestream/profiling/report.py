@@ -1,0 +1,214 @@
+"""Profile: what `--profile DIR` writes, and the plots `moestream report DIR` draws.
+
+DIR/trace.json     Chrome / Perfetto trace: spans per layer (attention, router, shared expert,
+                   routed experts on the device or the CPU), expert copies on the "H2D stream" and
+                   "disk" tracks, KV spills, sampling; counters for device bytes, cache occupancy,
+                   bytes moved, KV tokens per tier.
+DIR/summary.json   per-token latency percentiles, prefill / decode tok/s, hit rate, prefetch recall
+                   and precision, bytes per token by link, stall fraction, CPU-run experts, KV per
+                   tier, peak memory, the full llm.stats() snapshot, and per-step series.
+DIR/routing.jsonl  the routing trace (format in scheduler/routing.py).
+DIR/report.md      the summary as markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..errors import MoestreamError
+from .recorder import Recorder
+
+PLOTS_HINT = "pip install 'moestream[plots]' (matplotlib) to draw the plots"
+
+
+class Profile:
+    """Installs a Recorder in every part of a loaded LLM and collects one record per step."""
+
+    def __init__(self, llm, directory: Path):
+        self.dir = Path(directory)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MoestreamError(f"cannot create the profile directory {self.dir}: {e.strerror}") from None
+        self.llm = llm
+        self.rec = Recorder(llm.device)
+        llm.rec = llm.model.rec = self.rec
+        if hasattr(llm.experts, "transfer"):
+            llm.experts.transfer.rec = self.rec
+        if llm.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(llm.device)
+        self.steps: list[dict] = []
+        self.last = llm.stats()
+
+    def step(self, kind: str, tokens: int, seconds: float) -> None:
+        """After a prefill or a decoded token: per-step deltas of the counters, and trace counters."""
+        s, last = self.llm.stats(), self.last
+        self.steps.append({
+            "kind": kind, "tokens": tokens, "ms": 1e3 * seconds, "pos": s.kv_tokens,
+            "stall_ms": 1e3 * (s.stall_seconds - last.stall_seconds),
+            "cpu_expert_ms": 1e3 * (s.cpu_expert_seconds - last.cpu_expert_seconds),
+            "hits": s.expert_hits - last.expert_hits, "misses": s.expert_misses - last.expert_misses,
+            "bytes_host_to_device": s.bytes_host_to_device - last.bytes_host_to_device,
+            "bytes_disk_to_host": s.bytes_disk_to_host - last.bytes_disk_to_host,
+            "kv_device": s.kv_tokens_device, "kv_host": s.kv_tokens_host, "kv_disk": s.kv_tokens_disk,
+        })
+        rec = self.rec
+        rec.counter("device bytes", resident=s.resident_bytes, experts=s.expert_bytes, kv=s.kv_bytes)
+        rec.counter("expert cache", occupied=s.experts_resident, slots=s.cache_slots)
+        rec.counter("bytes moved", host_to_device=s.bytes_host_to_device, disk_to_host=s.bytes_disk_to_host)
+        rec.counter("KV tokens", device=s.kv_tokens_device, host=s.kv_tokens_host, disk=s.kv_tokens_disk)
+        self.last = s
+
+    def summary(self) -> dict:
+        s = self.llm.stats()
+        decode = [x for x in self.steps if x["kind"] == "decode"]
+        prefill = [x for x in self.steps if x["kind"] == "prefill"]
+        lat = sorted(x["ms"] for x in decode)
+
+        def pct(q: float) -> float:
+            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0
+
+        decode_s = sum(x["ms"] for x in decode) / 1e3
+        prefill_s = sum(x["ms"] for x in prefill) / 1e3
+        n_decode, n_prefill = len(decode), sum(x["tokens"] for x in prefill)
+        routing = self.dir / "routing.jsonl"
+        return {
+            "model": str(self.llm.runtime.model), "device": str(self.llm.device),
+            "dtype": str(self.llm.dtype).removeprefix("torch."),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.llm.runtime).items()},
+            "tokens": {"prefill": n_prefill, "decode": n_decode},
+            "prefill_tps": n_prefill / prefill_s if prefill_s else 0.0,
+            "decode_tps": n_decode / decode_s if decode_s else 0.0,
+            "latency_ms": {"mean": statistics.fmean(lat) if lat else 0.0, "p50": pct(0.5), "p90": pct(0.9),
+                           "p99": pct(0.99), "max": lat[-1] if lat else 0.0},
+            "hit_rate": s.hit_rate,
+            "prefetch_recall": s.prefetch_recall, "prefetch_precision": s.prefetch_precision,
+            "bytes_per_token": {
+                "host_to_device": sum(x["bytes_host_to_device"] for x in decode) / max(1, n_decode),
+                "disk_to_host": sum(x["bytes_disk_to_host"] for x in decode) / max(1, n_decode)},
+            "stall_fraction": sum(x["stall_ms"] for x in decode) / 1e3 / decode_s if decode_s else 0.0,
+            "cpu_experts": s.cpu_experts, "cpu_expert_seconds": s.cpu_expert_seconds,
+            "kv_tokens": {"device": s.kv_tokens_device, "host": s.kv_tokens_host, "disk": s.kv_tokens_disk},
+            "peak_memory": {
+                "cuda_bytes": torch.cuda.max_memory_allocated(self.llm.device) if self.llm.device.type == "cuda" else None,
+                "host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+            "stats": s.as_dict(),
+            "series": self.steps,
+            "routing_counts": routing_counts(routing, self.llm.config) if routing.exists() else None,
+        }
+
+    def write(self) -> None:
+        if self.llm.routing_trace is not None:
+            self.llm.routing_trace.file.flush()
+        summary = self.summary()
+        (self.dir / "trace.json").write_text(json.dumps(self.rec.chrome_trace()))
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        (self.dir / "report.md").write_text(markdown(summary))
+
+
+def routing_counts(path: Path, config) -> list[list[int]]:
+    """Tokens per (MoE layer, expert) in a routing trace: the popularity heatmap's data."""
+    index = {layer: i for i, layer in enumerate(config.moe_layers)}
+    counts = [[0] * config.num_local_experts for _ in config.moe_layers]
+    with open(path, encoding="utf-8") as f:
+        next(f, None)
+        for line in f:
+            rec = json.loads(line)
+            row = counts[index[rec["layer"]]]
+            for token in rec["experts"]:
+                for e in token:
+                    row[e] += 1
+    return counts
+
+
+def markdown(s: dict) -> str:
+    lat = s["latency_ms"]
+    rows = [
+        ("model", f"{s['model']} ({s['device']}, {s['dtype']})"),
+        ("tokens", f"{s['tokens']['prefill']} prefilled, {s['tokens']['decode']} decoded"),
+        ("prefill", f"{s['prefill_tps']:.1f} tok/s"),
+        ("decode", f"{s['decode_tps']:.1f} tok/s"),
+        ("decode latency (ms)", f"mean {lat['mean']:.2f} · p50 {lat['p50']:.2f} · p90 {lat['p90']:.2f} · p99 {lat['p99']:.2f}"),
+        ("expert hit rate", f"{100 * s['hit_rate']:.1f}%"),
+        ("prefetch recall / precision", ", ".join(f"d{d}: {100 * r:.0f}% / {100 * s['prefetch_precision'][d]:.0f}%"
+                                                  for d, r in s["prefetch_recall"].items()) or "-"),
+        ("bytes per decoded token", f"host→device {s['bytes_per_token']['host_to_device'] / 1e6:.2f} MB · "
+                                    f"disk→host {s['bytes_per_token']['disk_to_host'] / 1e6:.2f} MB"),
+        ("stall", f"{100 * s['stall_fraction']:.1f}% of decode time"),
+        ("experts run on the CPU", f"{s['cpu_experts']} ({s['cpu_expert_seconds']:.3f} s)"),
+        ("KV tokens (device / host / disk)", " / ".join(str(s["kv_tokens"][t]) for t in ("device", "host", "disk"))),
+    ]
+    peak = s["peak_memory"]
+    rows.append(("peak memory", (f"cuda {peak['cuda_bytes'] / 2**20:.0f} MiB · " if peak["cuda_bytes"] else "")
+                 + f"host RSS {peak['host_rss_bytes'] / 2**20:.0f} MiB"))
+    out = ["# moestream profile", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    out += ["", "Open `trace.json` in https://ui.perfetto.dev; `moestream report DIR` draws the plots.", ""]
+    return "\n".join(out)
+
+
+def plots(summary: dict, out: Path) -> list[Path]:
+    """PNG plots of a summary (needs matplotlib); returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    decode = [x for x in summary["series"] if x["kind"] == "decode"]
+    idx = list(range(len(decode)))
+    files = []
+
+    def save(fig, name):
+        path = out / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    stall = [x["stall_ms"] for x in decode]
+    cpu = [x["cpu_expert_ms"] for x in decode]
+    compute = [max(0.0, x["ms"] - a - b) for x, a, b in zip(decode, stall, cpu)]
+    ax.stackplot(idx, compute, stall, cpu, labels=["compute", "waiting on transfers", "experts on the CPU"])
+    ax.set(xlabel="decoded token", ylabel="ms", title="per-token latency")
+    ax.legend(loc="upper right", fontsize=8)
+    save(fig, "latency.png")
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    window, rates = 16, []
+    for i in idx:
+        w = decode[max(0, i - window + 1):i + 1]
+        n = sum(x["hits"] + x["misses"] for x in w)
+        rates.append(100 * sum(x["hits"] for x in w) / n if n else 0)
+    ax.plot(idx, rates)
+    ax.set(xlabel="decoded token", ylabel="%", ylim=(0, 100), title=f"expert-cache hit rate (last {window} tokens)")
+    save(fig, "hit_rate.png")
+
+    if summary.get("routing_counts"):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        im = ax.imshow(summary["routing_counts"], aspect="auto", cmap="viridis")
+        ax.set(xlabel="expert", ylabel="MoE layer", title="expert popularity (tokens routed)")
+        fig.colorbar(im, ax=ax)
+        save(fig, "popularity.png")
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.bar(idx, [x["bytes_host_to_device"] / 1e6 for x in decode], label="host→device", width=1.0)
+    ax.bar(idx, [x["bytes_disk_to_host"] / 1e6 for x in decode], label="disk→host", width=1.0, alpha=0.7)
+    ax.set(xlabel="decoded token", ylabel="MB", title="bytes moved per token")
+    ax.legend(fontsize=8)
+    save(fig, "bytes.png")
+
+    steps = summary["series"]
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.stackplot([x["pos"] for x in steps], [x["kv_device"] for x in steps], [x["kv_host"] for x in steps],
+                 [x["kv_disk"] for x in steps], labels=["device", "host", "disk"])
+    ax.set(xlabel="context length (tokens)", ylabel="tokens per global layer", title="KV cache tiers")
+    ax.legend(loc="upper left", fontsize=8)
+    save(fig, "kv_tiers.png")
+    return files
