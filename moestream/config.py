@@ -150,14 +150,17 @@ class RuntimeConfig:
               kv_block=256, profile=None) -> "RuntimeConfig":
         """Parse and check every setting once (sizes, counts, choices); raises MoestreamError."""
         size = lambda v, what: parse_size(v, what) if v is not None else None  # noqa: E731
-        if int(prefetch) < 0 or int(n_cpu_moe) < 0:
-            raise MoestreamError("--prefetch and --n-cpu-moe must not be negative")
+        try:
+            if int(prefetch) < 0 or int(n_cpu_moe) < 0:
+                raise MoestreamError("--prefetch and --n-cpu-moe must not be negative")
+        except ValueError:
+            raise MoestreamError(f"--prefetch {prefetch!r} / --n-cpu-moe {n_cpu_moe!r}: whole numbers, please") from None
         return cls(
             model=Path(path) if path else DEFAULT_MODEL,
             device=device,
             dtype=dtype,
-            ctx_size=parse_count(ctx_size) if ctx_size else 0,
-            threads=int(threads or 0),
+            ctx_size=parse_count(ctx_size) if ctx_size and str(ctx_size) != "0" else 0,
+            threads=_positive(threads, "-t/--threads") if threads and str(threads) != "0" else 0,
             gpu_mem=size(gpu_mem, "--gpu-mem"),
             cpu_mem=size(cpu_mem, "--cpu-mem"),
             expert_cache=size(expert_cache, "--expert-cache"),

@@ -32,14 +32,15 @@ from .stats import Stats
 
 
 class LLM:
-    def __init__(self, runtime: RuntimeConfig, progress: Callable[[int, int], None] | None = None):
-        """progress(bytes_done_now, bytes_total) is called while experts are placed in host RAM / on disk."""
+    def __init__(self, runtime: RuntimeConfig, progress: Callable[[int, int], None] | None = None, checkpoint=None):
+        """progress(bytes_done_now, bytes_total) is called while experts are placed in host RAM / on disk;
+        checkpoint: read weights from this object instead of runtime.model (a SyntheticCheckpoint)."""
         t0 = time.perf_counter()
         self.runtime = runtime
         if runtime.threads:
             torch.set_num_threads(runtime.threads)
         self.device = resolve_device(runtime.device)
-        self.checkpoint = Checkpoint(runtime.model)
+        self.checkpoint = checkpoint or Checkpoint(runtime.model)
         self.config = self.checkpoint.config
         self.dtype = resolve_dtype(runtime.dtype, self.device, self.checkpoint.dtype)
         max_ctx = self.config.max_position_embeddings

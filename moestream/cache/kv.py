@@ -312,10 +312,13 @@ class GlobalKV:
             out = attend(q, hot_k, hot_v, q_pos, 0, None)
             self.counters.seconds["device"] += time.perf_counter() - t0
             return out
-        with self.rec.span("kv disk blocks", "disk", layer=self.layer, blocks=len(self.disk_blocks)):
-            parts = self._disk_parts(q)
-        with self.rec.span("kv host blocks", layer=self.layer, tokens=self.n_host):
-            parts += self._host_parts(q)
+        parts = []
+        if self.disk_blocks:
+            with self.rec.span("kv disk blocks", "disk", layer=self.layer, blocks=len(self.disk_blocks)):
+                parts += self._disk_parts(q)
+        if self.n_host:
+            with self.rec.span("kv host blocks", layer=self.layer, tokens=self.n_host):
+                parts += self._host_parts(q)
         t0 = time.perf_counter()
         mask = None
         if q.shape[0] > 1:

@@ -1,16 +1,155 @@
-"""`moestream bench`: measurements that print ratios from one run."""
+"""`moestream bench`: llama-bench-style measurements, and replay of routing traces.
+
+    moestream bench -p 512 -n 128 -r 5                         # pp512 and tg128 on the embedded model
+    moestream bench -pg 512,128 -d 4096 --expert-cache 1MiB,3MiB --cache-policy lru,lfu -o csv
+    moestream bench --synthetic scout --layers 8 -p 512 -n 32  # real shapes, random weights (GPU)
+
+Tests: pp<N> (prefill N tokens), tg<N> (decode N tokens), pp<N>+tg<M> (both, one rate), each at
+depth -d (tokens already in the cache, untimed). Every valued runtime flag takes a comma list; one
+row per combination and test, mean ± stddev over -r repetitions, plus expert hit %, GB moved per
+token and stall %.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import itertools
+import json
+import statistics
+
 import click
+import torch
 
 from ..config import parse_size
-from .main import cli
+from ..errors import MoestreamError
+from .main import build_runtime, cli, register, runtime_options
 
 
-@cli.group()
-def bench():
-    """Benchmarks (replay of routing traces; more to come)."""
+def _counts(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()] if text else []
+    except ValueError:
+        raise MoestreamError(f"{what} {text!r} needs comma-separated whole numbers") from None
+    if any(v < 0 for v in values):
+        raise MoestreamError(f"{what} must not be negative")
+    return values
+
+
+def run_test(llm, kind: str, n_prompt: int, n_gen: int, depth: int, seed: int) -> dict:
+    """One repetition: returns tokens/s and the counter deltas of the timed part."""
+    from ..model.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = llm.config.vocab_size
+    prefix = torch.randint(0, vocab, (depth + 1,), generator=g).tolist()
+    llm.reset()
+    if depth:
+        llm.generate_ids(prefix, SamplingParams(temperature=0, max_tokens=1), stop_ids=set())
+    before = llm.stats()
+    body = prefix + torch.randint(0, vocab, (n_prompt,), generator=g).tolist()
+    llm.generate_ids(body, SamplingParams(temperature=0, max_tokens=n_gen + 1), stop_ids=set())
+    s = llm.stats()
+    seconds = (s.prompt_seconds if n_prompt else 0.0) + (s.generation_seconds if n_gen else 0.0)
+    tokens = n_prompt + n_gen
+    hits, misses = s.expert_hits - before.expert_hits, s.expert_misses - before.expert_misses
+    moved = (s.bytes_host_to_device - before.bytes_host_to_device) + (s.bytes_disk_to_host - before.bytes_disk_to_host)
+    return {"tps": tokens / seconds if seconds else 0.0, "hit": hits / (hits + misses) if hits + misses else None,
+            "gb_per_token": moved / 1e9 / max(1, tokens),
+            "stall": (s.stall_seconds - before.stall_seconds) / seconds if seconds else 0.0}
+
+
+def model_facts(llm) -> dict:
+    c, p = llm.config, llm.plan
+    params = p.resident_bytes / torch.empty((), dtype=llm.dtype).element_size() + p.n_experts * c.expert_numel
+    size = p.resident_bytes + p.n_experts * p.expert_bytes
+    return {"model": llm.checkpoint.path.name, "size": f"{size / 2**30:.2f} GiB",
+            "params": f"{params / 1e9:.2f} B" if params >= 1e9 else f"{params / 1e6:.1f} M",
+            "backend": f"{llm.device.type} {str(llm.dtype).removeprefix('torch.')}"}
+
+
+@cli.group(invoke_without_command=True)
+@click.option("-p", "--n-prompt", default="512", show_default=True, help="Prompt tokens for pp tests (comma list).")
+@click.option("-n", "--n-gen", default="128", show_default=True, help="Generated tokens for tg tests (comma list).")
+@click.option("-pg", "pg", default="", help="pp,tg pairs measured together, e.g. 512,128.")
+@click.option("-d", "--n-depth", default="0", show_default=True, help="Tokens already in the cache (comma list).")
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("-o", "--output", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
+@click.option("--synthetic", type=click.Choice(["scout", "maverick", "tiny"]), default=None,
+              help="Real shapes with random weights, no checkpoint (tiny: small shapes for smoke tests).")
+@click.option("--layers", type=int, default=None, help="With --synthetic: how many layers.")
+@runtime_options(sweep=True)
+@click.pass_context
+def bench(ctx, n_prompt, n_gen, pg, n_depth, repetitions, output, synthetic, layers, sweeps):
+    """llama-bench for moestream: pp / tg / pp+tg tests, parameter sweeps, mean ± stddev."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..llm import LLM
+
+    tests = [("pp", n, 0) for n in _counts(n_prompt, "-p") if n] + [("tg", 0, n) for n in _counts(n_gen, "-n") if n]
+    if pg:
+        pair = _counts(pg, "-pg")
+        if len(pair) != 2:
+            raise MoestreamError("-pg takes one pair: PROMPT,GEN (e.g. 512,128)")
+        tests.append(("pp+tg", pair[0], pair[1]))
+    if not tests:
+        raise MoestreamError("no test to run: give -p, -n or -pg a positive count")
+    depths = _counts(n_depth, "-d") or [0]
+    swept = {k: v for k, v in sweeps.items() if len(v) > 1}
+    rows = []
+    for combo in itertools.product(*sweeps.values()):
+        values = dict(zip(sweeps, combo))
+        checkpoint = None
+        if synthetic:
+            from ..model.synthetic import SyntheticCheckpoint
+
+            dtype = {"auto": torch.bfloat16, "float32": torch.float32}.get(values["dtype"], torch.bfloat16)
+            checkpoint = SyntheticCheckpoint(synthetic, layers, dtype)
+            values["path"] = str(checkpoint.path)
+        runtime = build_runtime(values)
+        longest = max(d + p + g for d in depths for _, p, g in tests) + 2
+        if not runtime.ctx_size:
+            values["ctx_size"] = str(longest)
+            runtime = build_runtime(values)
+        llm = register(LLM(runtime, checkpoint=checkpoint))
+        facts = model_facts(llm)
+        for (kind, n_p, n_g), depth in itertools.product(tests, depths):
+            name = {"pp": f"pp{n_p}", "tg": f"tg{n_g}", "pp+tg": f"pp{n_p}+tg{n_g}"}[kind] + (f" @ d{depth}" if depth else "")
+            run_test(llm, kind, min(n_p, 8), min(n_g, 2), depth, seed=0)  # warm-up
+            reps = [run_test(llm, kind, n_p, n_g, depth, seed=r + 1) for r in range(repetitions)]
+            tps = [r["tps"] for r in reps]
+            hits = [r["hit"] for r in reps if r["hit"] is not None]
+            rows.append({**facts, **{k: values[k] for k in swept}, "test": name,
+                         "t/s": statistics.fmean(tps), "stddev": statistics.stdev(tps) if len(tps) > 1 else 0.0,
+                         "expert hit %": 100 * statistics.fmean(hits) if hits else None,
+                         "GB/token": statistics.fmean(r["gb_per_token"] for r in reps),
+                         "stall %": 100 * statistics.fmean(r["stall"] for r in reps)})
+        llm.close()
+    click.echo(render(rows, output, list(swept)))
+
+
+def render(rows: list[dict], fmt: str, swept: list[str]) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    cols = ["model", "size", "params", "backend", *swept, "test", "t/s", "expert hit %", "GB/token", "stall %"]
+    if fmt == "csv":
+        out = io.StringIO()
+        w = csv.DictWriter(out, fieldnames=cols + ["stddev"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        return out.getvalue().rstrip()
+
+    def cell(row, col):
+        v = row[col]
+        if col == "t/s":
+            return f"{v:.2f} ± {row['stddev']:.2f}"
+        if v is None:
+            return "-"
+        return f"{v:.1f}" if col in ("expert hit %", "stall %") else f"{v:.3f}" if col == "GB/token" else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 @bench.command()
@@ -43,3 +182,6 @@ def replay(trace, expert_cache, slots, link_gbps, expert_ms, layer_ms, cpu_exper
     for r in rows:
         click.echo(f"| {r.policy} | {r.split} | {'yes' if r.prefetch else 'no'} | {100 * r.hit_rate:.1f}% | {r.of_min:.3f} | "
                    f"{r.bytes_per_token / 1e6:.2f} | {1e3 * r.stall_s / max(1, r.decode_tokens):.2f} | {r.tok_s:.1f} |")
+
+
+

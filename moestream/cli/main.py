@@ -15,66 +15,95 @@ from ..config import RuntimeConfig
 from ..errors import MoestreamError
 
 
-def runtime_options(fn):
-    """The model, placement and budget flags, spelled as llama.cpp users know them; one RuntimeConfig."""
+# (RuntimeConfig.build keyword, click declarations, click settings): one list, so every command
+# spells and documents a flag the same way, and `bench` can take comma lists of the same flags.
+KV_TYPES = ["auto", "f32", "f16", "bf16", "q8_0"]
+RUNTIME_FLAGS = [
+    ("path", ("-m", "--model"), dict(type=click.Path(), default=None,
+     help="Hugging Face Llama 4 checkpoint directory (default: the embedded model).")),
+    ("device", ("--device",), dict(default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")),
+    ("dtype", ("--dtype",), dict(default="auto", show_default=True,
+     help="auto = checkpoint dtype on CUDA, float32 on CPU; or float32, bfloat16, float16.")),
+    ("ctx_size", ("-c", "--ctx-size"), dict(default="0", show_default=True,
+     help="Context length in tokens: 4096, 32k (=32,000), 32K (=32,768), 1M. 0 = the model's maximum, at most 8192.")),
+    ("threads", ("-t", "--threads"), dict(type=int, default=0, help="CPU threads (0 = torch's default).")),
+    ("gpu_mem", ("--gpu-mem",), dict(default=None, help="Compute-device budget: resident weights + KV + expert cache "
+     "(40GiB, 40GB, 512MiB, bytes). Default: 90%% of free GPU memory; no limit on CPU.")),
+    ("cpu_mem", ("--cpu-mem",), dict(default=None, help="Host RAM for routed experts; the rest go to a repacked file "
+     "on disk. Default: 80%% of available RAM.")),
+    ("expert_cache", ("--expert-cache",), dict(default=None,
+     help="Bytes of expert-cache slots on the device (default: what --gpu-mem leaves).")),
+    ("cpu_experts", ("--cpu-experts",), dict(type=click.Choice(["auto", "never", "always"]), default="auto",
+     show_default=True, help="Run a missing expert on the CPU instead of fetching it: auto = measured cost model.")),
+    ("cache_policy", ("--cache-policy",), dict(type=click.Choice(["lru", "lfu", "predictive"]), default="lfu",
+     show_default=True, help="Expert-cache eviction policy.")),
+    ("cache_split", ("--cache-split",), dict(type=click.Choice(["auto", "global", "per-layer"]), default="auto",
+     show_default=True, help="One slot pool for all layers, or an equal share per MoE layer; auto = per-layer "
+     "when every layer gets a slot.")),
+    ("prefetch", ("--prefetch",), dict(type=int, default=1, show_default=True,
+     help="Lookahead in MoE layers for speculative expert prefetch; 0 = off.")),
+    ("cpu_moe", ("--cpu-moe",), dict(is_flag=True, help="Keep every layer's routed experts on the CPU and run them there.")),
+    ("n_cpu_moe", ("--n-cpu-moe",), dict(type=int, default=0, help="Keep the experts of the first N layers on the CPU.")),
+    ("expert_dir", ("--expert-dir",), dict(type=click.Path(), default=None,
+     help="Where the repacked disk-tier expert file lives (default: ~/.cache/moestream).")),
+    ("no_repack", ("--no-repack",), dict(is_flag=True, help="Read disk-tier experts straight from the checkpoint files.")),
+    ("record_routing", ("--record-routing",), dict(type=click.Path(dir_okay=False), default=None,
+     help="Write every token's (layer, expert, score) to FILE as JSONL.")),
+    ("kv_gpu_mem", ("--kv-gpu-mem",), dict(default=None, help="Device bytes for the KV cache; older global-layer KV "
+     "spills to host RAM beyond it (default: all KV on the device).")),
+    ("kv_cpu_mem", ("--kv-cpu-mem",), dict(default=None, help="Host RAM for spilled KV blocks (default: no limit).")),
+    ("kv_disk", ("--kv-disk",), dict(type=click.Path(dir_okay=False), default=None,
+     help="File for KV blocks beyond --kv-cpu-mem (truncated at start).")),
+    ("ubatch", ("-ub", "--ubatch-size"), dict(type=int, default=512, show_default=True, help="Prefill micro-batch in tokens.")),
+    ("cache_type_k", ("-ctk", "--cache-type-k"), dict(type=click.Choice(KV_TYPES), default="auto", show_default=True,
+     help="KV type for keys: auto = the compute dtype; q8_0 = int8 + per-(token, head) scale.")),
+    ("cache_type_v", ("-ctv", "--cache-type-v"), dict(type=click.Choice(KV_TYPES), default="auto", show_default=True,
+     help="KV type for values.")),
+    ("kv_block", ("--kv-block",), dict(type=int, default=256, show_default=True, help="Tokens per spilled KV block.")),
+    ("profile", ("--profile",), dict(type=click.Path(file_okay=False), default=None,
+     help="Write trace.json (Perfetto), summary.json, routing.jsonl and report.md to DIR.")),
+]
 
-    @click.option("-m", "--model", "model", type=click.Path(), default=None,
-                  help="Hugging Face Llama 4 checkpoint directory (default: the embedded model).")
-    @click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:N.")
-    @click.option("--dtype", default="auto", show_default=True,
-                  help="auto = checkpoint dtype on CUDA, float32 on CPU; or float32, bfloat16, float16.")
-    @click.option("-c", "--ctx-size", default="0", show_default=True,
-                  help="Context length in tokens: 4096, 32k (=32,000), 32K (=32,768), 1M. "
-                       "0 = the model's maximum, at most 8192.")
-    @click.option("-t", "--threads", type=int, default=0, help="CPU threads (0 = torch's default).")
-    @click.option("--gpu-mem", default=None, help="Compute-device budget: resident weights + KV + expert cache "
-                  "(40GiB, 40GB, 512MiB, bytes). Default: 90%% of free GPU memory; no limit on CPU.")
-    @click.option("--cpu-mem", default=None, help="Host RAM for routed experts; the rest go to a repacked file "
-                  "on disk. Default: 80%% of available RAM.")
-    @click.option("--expert-cache", default=None, help="Bytes of expert-cache slots on the device "
-                  "(default: what --gpu-mem leaves).")
-    @click.option("--cpu-experts", type=click.Choice(["auto", "never", "always"]), default="auto", show_default=True,
-                  help="Run a missing expert on the CPU instead of fetching it: auto = measured cost model.")
-    @click.option("--cache-policy", type=click.Choice(["lru", "lfu", "predictive"]), default="lfu", show_default=True,
-                  help="Expert-cache eviction policy.")
-    @click.option("--cache-split", type=click.Choice(["auto", "global", "per-layer"]), default="auto", show_default=True,
-                  help="One slot pool for all layers, or an equal share per MoE layer; auto = per-layer when "
-                       "every layer gets a slot.")
-    @click.option("--prefetch", type=int, default=1, show_default=True,
-                  help="Lookahead in MoE layers for speculative expert prefetch; 0 = off.")
-    @click.option("--cpu-moe", is_flag=True, help="Keep every layer's routed experts on the CPU and run them there.")
-    @click.option("--n-cpu-moe", type=int, default=0, help="Keep the experts of the first N layers on the CPU.")
-    @click.option("--expert-dir", type=click.Path(), default=None,
-                  help="Where the repacked disk-tier expert file lives (default: ~/.cache/moestream).")
-    @click.option("--no-repack", is_flag=True, help="Read disk-tier experts straight from the checkpoint files.")
-    @click.option("--record-routing", type=click.Path(dir_okay=False), default=None,
-                  help="Write every token's (layer, expert, score) to FILE as JSONL.")
-    @click.option("--kv-gpu-mem", default=None, help="Device bytes for the KV cache; older global-layer KV spills "
-                  "to host RAM beyond it (default: all KV on the device).")
-    @click.option("--kv-cpu-mem", default=None, help="Host RAM for spilled KV blocks (default: no limit).")
-    @click.option("--kv-disk", type=click.Path(dir_okay=False), default=None,
-                  help="File for KV blocks beyond --kv-cpu-mem (truncated at start).")
-    @click.option("-ub", "--ubatch-size", "ubatch", type=int, default=512, show_default=True,
-                  help="Prefill micro-batch in tokens.")
-    @click.option("-ctk", "--cache-type-k", type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0"]), default="auto",
-                  show_default=True, help="KV type for keys: auto = the compute dtype; q8_0 = int8 + per-(token, head) scale.")
-    @click.option("-ctv", "--cache-type-v", type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0"]), default="auto",
-                  show_default=True, help="KV type for values.")
-    @click.option("--kv-block", type=int, default=256, show_default=True, help="Tokens per spilled KV block.")
-    @click.option("--profile", "profile", type=click.Path(file_okay=False), default=None,
-                  help="Write trace.json (Perfetto), summary.json, routing.jsonl and report.md to DIR.")
+
+def build_runtime(values: dict) -> RuntimeConfig:
+    """RuntimeConfig from the flags' values (keyed as RUNTIME_FLAGS names them)."""
+    values = dict(values)
+    values["repack"] = not values.pop("no_repack", False)
+    return RuntimeConfig.build(**values)
+
+
+def runtime_options(fn=None, *, sweep: bool = False):
+    """The model, placement and budget flags, spelled as llama.cpp users know them.
+
+    Normally the command gets one `runtime=RuntimeConfig`. With sweep=True (bench) every valued flag
+    takes a comma list and the command gets `sweeps={name: [values]}` to build one config per
+    combination.
+    """
+    if fn is None:
+        return lambda f: runtime_options(f, sweep=sweep)
+    names = [name for name, _, _ in RUNTIME_FLAGS]
+
     @functools.wraps(fn)
-    def wrapper(*args, model, device, dtype, ctx_size, threads, gpu_mem, cpu_mem, expert_cache, cpu_experts,
-                cache_policy, cache_split, prefetch, cpu_moe, n_cpu_moe, expert_dir, no_repack, record_routing,
-                kv_gpu_mem, kv_cpu_mem, kv_disk, ubatch, cache_type_k, cache_type_v, kv_block, profile, **kwargs):
-        runtime = RuntimeConfig.build(
-            model, device, dtype, ctx_size if ctx_size != "0" else 0, threads, gpu_mem=gpu_mem, cpu_mem=cpu_mem,
-            expert_cache=expert_cache, cpu_experts=cpu_experts, cache_policy=cache_policy, cache_split=cache_split,
-            prefetch=prefetch, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, expert_dir=expert_dir, repack=not no_repack,
-            record_routing=record_routing, kv_gpu_mem=kv_gpu_mem, kv_cpu_mem=kv_cpu_mem, kv_disk=kv_disk,
-            ubatch=ubatch, cache_type_k=cache_type_k, cache_type_v=cache_type_v, kv_block=kv_block, profile=profile)
-        return fn(*args, runtime=runtime, **kwargs)
+    def wrapper(*args, **kwargs):
+        values = {name: kwargs.pop(name) for name in names}
+        if sweep:
+            lists = {name: (v.split(",") if isinstance(v, str) and name not in ("path", "record_routing", "profile",
+                                                                                 "expert_dir", "kv_disk") else [v])
+                     for name, v in values.items()}
+            return fn(*args, sweeps=lists, **kwargs)
+        return fn(*args, runtime=build_runtime(values), **kwargs)
 
+    for name, decls, settings in reversed(RUNTIME_FLAGS):
+        settings = dict(settings)
+        if sweep and not settings.get("is_flag") and name not in ("path", "record_routing", "profile"):
+            choices = settings.pop("type", None)
+            settings["type"] = str
+            if settings.get("default") is not None:
+                settings["default"] = str(settings["default"])
+            if isinstance(choices, click.Choice):
+                settings["help"] += f" One of {', '.join(choices.choices)}."
+            settings["help"] += " A comma list sweeps it."
+        wrapper = click.option(*decls, name, **settings)(wrapper)
     return wrapper
 
 

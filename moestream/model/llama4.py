@@ -177,21 +177,27 @@ class Llama4:
         rec = self.rec
         for block in self.blocks:
             layer_cache = cache.layers[block.index] if cache is not None else None
-            with rec.span("layer", layer=block.index):
-                h = rms_norm(x, block.attn_norm, self.config.rms_norm_eps)
-                with rec.span("attention", layer=block.index):
-                    x = x + self.attention(h, block, pos0, positions, rotations, temperature, layer_cache)
-                h = rms_norm(x, block.ffn_norm, self.config.rms_norm_eps)
-                if isinstance(block.ffn, MoEWeights):
-                    x = x + self.moe(h, block)
-                else:
-                    with rec.span("dense mlp", layer=block.index):
-                        x = x + swiglu(h, block.ffn.gate_up, block.ffn.down)
+            t_layer = rec.mark()  # profiling spans (no-ops unless --profile)
+            h = rms_norm(x, block.attn_norm, self.config.rms_norm_eps)
+            t = rec.mark()
+            x = x + self.attention(h, block, pos0, positions, rotations, temperature, layer_cache)
+            rec.done("attention", t, block.index)
+            h = rms_norm(x, block.ffn_norm, self.config.rms_norm_eps)
+            if isinstance(block.ffn, MoEWeights):
+                x = x + self.moe(h, block)
+            else:
+                t = rec.mark()
+                x = x + swiglu(h, block.ffn.gate_up, block.ffn.down)
+                rec.done("dense mlp", t, block.index)
+            rec.done("layer", t_layer, block.index)
         if cache is not None:
             cache.pos += ids.shape[0]
         if last_only:
             x = x[-1:]
-        return F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+        t = rec.mark()
+        logits = F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+        rec.done("lm head", t)
+        return logits
 
     def attention(self, x, block: Block, pos0: int, positions, rotations, temperature, layer_cache) -> torch.Tensor:
         c, w, T = self.config, block.attn, x.shape[0]
@@ -217,21 +223,25 @@ class Llama4:
     def moe(self, x: torch.Tensor, block: Block) -> torch.Tensor:
         ffn: MoEWeights = block.ffn
         rec, layer = self.rec, block.index
-        with rec.span("router", layer=layer):
-            top_experts, scores, _ = route(x, ffn.router, self.config.num_experts_per_tok)
-            if self.on_route is not None:
-                self.on_route(layer, top_experts, scores)
-            # tell the expert source everything this step needs first: it starts every copy, and
-            # answers with the order to compute in (experts already in place first)
-            chosen = top_experts[0].tolist() if x.shape[0] == 1 else top_experts.unique().tolist()
-            wanted = self.experts.prepare(layer, chosen, x)
-        with rec.span("shared expert", layer=layer):
-            out = swiglu(x, ffn.shared.gate_up, ffn.shared.down)
+        t = rec.mark()
+        top_experts, scores, _ = route(x, ffn.router, self.config.num_experts_per_tok)
+        if self.on_route is not None:
+            self.on_route(layer, top_experts, scores)
+        # tell the expert source everything this step needs first: it starts every copy, and
+        # answers with the order to compute in (experts already in place first)
+        chosen = top_experts[0].tolist() if x.shape[0] == 1 else top_experts.unique().tolist()
+        wanted = self.experts.prepare(layer, chosen, x)
+        rec.done("router", t, layer)
+        t = rec.mark()
+        out = swiglu(x, ffn.shared.gate_up, ffn.shared.down)
+        rec.done("shared expert", t, layer)
         for e in wanted:
             expert = self.experts.get(layer, e)  # the only place routed weights are touched
-            with rec.span("expert", "CPU experts" if expert.on_cpu else "compute", layer=layer, expert=e):
-                if x.shape[0] == 1 and len(wanted) == 1:  # decode, top-1: one expert, no scatter
-                    return out + expert(x * scores)
+            t = rec.mark()
+            if x.shape[0] == 1 and len(wanted) == 1:  # decode, top-1: one expert, no scatter
+                out = out + expert(x * scores)
+            else:
                 rows, slots = (top_experts == e).nonzero(as_tuple=True)
                 out.index_add_(0, rows, expert(x[rows] * scores[rows, slots, None]))
+            rec.done("expert", t, layer, e, "CPU experts" if expert.on_cpu else "compute")
         return out

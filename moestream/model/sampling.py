@@ -34,14 +34,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor,
     if params.temperature <= 0:
         return int(logits.argmax())
     logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[0]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    k = params.top_k if 0 < params.top_k < logits.shape[0] else logits.shape[0]
+    # the k best, already sorted: top-p then only looks at them (cheap, whatever the vocabulary)
+    top_logits, top_ids = torch.topk(logits, k)
+    probs = torch.softmax(top_logits, dim=-1)
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens ranked above it already cover top_p
-        drop = probs.cumsum(-1) - probs > params.top_p
-        logits = logits.scatter(0, order[drop], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > params.top_p, 0.0)
+    return int(top_ids[torch.multinomial(probs.cpu(), 1, generator=generator)])

@@ -29,19 +29,31 @@ DEMAND, PREFETCH = 0, 1  # worker priorities: lower runs first
 class Ticket:
     """One copy in flight into one cache slot."""
 
-    __slots__ = ("future", "event", "prefetch")
+    __slots__ = ("future", "event", "prefetch", "span")
 
-    def __init__(self, future: Future | None = None, event=None, prefetch: bool = False):
-        self.future, self.event, self.prefetch = future, event, prefetch
+    def __init__(self, future: Future | None = None, event=None, prefetch: bool = False, span=None):
+        self.future, self.event, self.prefetch, self.span = future, event, prefetch, span
 
     def wait(self) -> float:
         """Make compute wait for the copy; returns the seconds the host was blocked."""
         t0 = time.perf_counter()
         if self.future is not None:
-            self.future.result()
+            result = self.future.result()
+            if self.span is not None:  # (recorder, name, track, args): the worker timed it, we record it
+                rec, name, track, args = self.span
+                self.span = None
+                start, end = result
+                rec.complete(name, (start - rec.origin) * 1e6, (end - rec.origin) * 1e6, track, **args)
         if self.event is not None:
             torch.cuda.current_stream().wait_event(self.event)
         return time.perf_counter() - t0
+
+
+def _timed(fn, *args) -> tuple[float, float]:
+    """Run fn(*args) and return its start and end on the perf_counter clock."""
+    start = time.perf_counter()
+    fn(*args)
+    return start, time.perf_counter()
 
 
 class CopyWorker:
@@ -97,9 +109,12 @@ class TransferEngine:
         priority = PREFETCH if prefetch else DEMAND
         if not self.cuda:
             job = (self.store.read_into, key, dst) if on_disk else (dst.copy_, self.store.host[self.store.host_index[key]])
-            if self.rec.enabled:
-                job = (self._recorded, job, key, prefetch, on_disk)
-            return Ticket(future=self.worker.submit(priority, *job), prefetch=prefetch)
+            span = None
+            if self.rec.enabled:  # the worker only reads the clock; the span is recorded when waited on
+                job = (_timed, *job)
+                span = (self.rec, "expert read" if on_disk else "expert copy", "disk" if on_disk else "H2D stream",
+                        {"layer": key[0], "expert": key[1], "prefetch": prefetch})
+            return Ticket(future=self.worker.submit(priority, *job), prefetch=prefetch, span=span)
 
         if self.rec.enabled:
             self.rec.counter("expert copies in flight", prefetch=int(prefetch), demand=int(not prefetch))
@@ -123,12 +138,6 @@ class TransferEngine:
             done.synchronize()  # the staging buffer is reused by the next read
 
         return Ticket(future=self.worker.submit(priority, from_disk), event=done, prefetch=prefetch)
-
-    def _recorded(self, job, key, prefetch: bool, on_disk: bool):
-        """Run a copy job with a span on the disk or H2D track (CPU twin of the CUDA copy streams)."""
-        with self.rec.span("expert read" if on_disk else "expert copy", "disk" if on_disk else "H2D stream",
-                           layer=key[0], expert=key[1], prefetch=prefetch):
-            return job[0](*job[1:])
 
     def close(self) -> None:
         self._stop()

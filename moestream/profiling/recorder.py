@@ -9,9 +9,7 @@ show device time, not launch time.
 
 from __future__ import annotations
 
-import threading
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -39,6 +37,26 @@ class NullRecorder:
     def span(self, name: str, track: str = "compute", **args):
         return _NO_SPAN
 
+    def mark(self):
+        """A start point: host microseconds, or a recorded CUDA event when device time is measured."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return (time.perf_counter() - self.origin) * 1e6
+
+    def done(self, name: str, start, layer: int = -1, expert: int = -1, track: str = "compute") -> None:
+        args = (("layer", layer),) if expert < 0 else (("layer", layer), ("expert", expert))
+        if layer < 0:
+            args = ()
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.pending_cuda.append((name, track, dict(args), start, end))
+            return
+        now = (time.perf_counter() - self.origin) * 1e6
+        self.events.append(("X", name, track, start, now - start, args))
+
     def complete(self, name: str, start_us: float, end_us: float, track: str = "compute", **args) -> None:
         pass
 
@@ -47,6 +65,13 @@ class NullRecorder:
 
     def now(self) -> float:
         return 0.0
+
+    # the model's hot path: `t = rec.mark(); ...; rec.done("attention", t, layer)`, no objects made
+    def mark(self):
+        return 0.0
+
+    def done(self, name: str, start, layer: int = -1, expert: int = -1, track: str = "compute") -> None:
+        pass
 
 
 NULL = NullRecorder()
@@ -58,7 +83,6 @@ class Recorder(NullRecorder):
     def __init__(self, device: torch.device | None = None):
         self.events: list[dict] = []
         self.origin = time.perf_counter()
-        self.lock = threading.Lock()  # the copy worker records from its own thread
         self.cuda = device is not None and device.type == "cuda"
         self.pending_cuda: list[tuple] = []  # (name, track, args, start event, end event), resolved at export
         if self.cuda:
@@ -70,34 +94,37 @@ class Recorder(NullRecorder):
         """Microseconds since the recorder started."""
         return (time.perf_counter() - self.origin) * 1e6
 
-    @contextmanager
     def span(self, name: str, track: str = "compute", **args):
         if self.cuda and track == "compute":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            try:
-                yield
-            finally:
-                end.record()
-                self.pending_cuda.append((name, track, args, start, end))
+            return _CudaSpan(self, name, track, args)
+        return _Span(self, name, track, args)
+
+    def mark(self):
+        """A start point: host microseconds, or a recorded CUDA event when device time is measured."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return (time.perf_counter() - self.origin) * 1e6
+
+    def done(self, name: str, start, layer: int = -1, expert: int = -1, track: str = "compute") -> None:
+        args = (("layer", layer),) if expert < 0 else (("layer", layer), ("expert", expert))
+        if layer < 0:
+            args = ()
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.pending_cuda.append((name, track, dict(args), start, end))
             return
-        t0 = self.now()
-        try:
-            yield
-        finally:
-            self.complete(name, t0, self.now(), track, **args)
+        now = (time.perf_counter() - self.origin) * 1e6
+        self.events.append(("X", name, track, start, now - start, args))
 
     def complete(self, name: str, start_us: float, end_us: float, track: str = "compute", **args) -> None:
-        event = {"name": name, "cat": track, "ph": "X", "ts": start_us, "dur": max(0.0, end_us - start_us),
-                 "pid": 1, "tid": TRACKS.index(track) + 1 if track in TRACKS else 9, "args": args}
-        with self.lock:
-            self.events.append(event)
+        # tuples of plain values: appends are atomic under the GIL, and the cyclic GC stops scanning them
+        self.events.append(("X", name, track, start_us, max(0.0, end_us - start_us), tuple(args.items())))
 
     def counter(self, name: str, **values) -> None:
-        event = {"name": name, "cat": "counter", "ph": "C", "ts": self.now(), "pid": 1, "tid": 0,
-                 "args": {k: float(v) for k, v in values.items()}}
-        with self.lock:
-            self.events.append(event)
+        self.events.append(("C", name, "counter", self.now(), 0.0, tuple(values.items())))
 
     def resolve_cuda(self) -> None:
         """Turn CUDA event pairs into spans on the host clock (after a synchronize)."""
@@ -115,6 +142,51 @@ class Recorder(NullRecorder):
         meta = [{"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "moestream"}}]
         meta += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": i + 1, "args": {"name": t}} for i, t in enumerate(TRACKS)]
         meta.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "counters"}})
-        with self.lock:
-            events = sorted(self.events, key=lambda e: (e["ts"], -e.get("dur", 0)))
+        events = []
+        for ph, name, track, ts, dur, args in sorted(list(self.events), key=lambda e: (e[3], -e[4])):
+            if ph == "X":
+                tid = TRACKS.index(track) + 1 if track in TRACKS else len(TRACKS) + 1
+                events.append({"name": name, "cat": track, "ph": "X", "ts": ts, "dur": dur, "pid": 1, "tid": tid,
+                               "args": dict(args)})
+            else:
+                events.append({"name": name, "cat": "counter", "ph": "C", "ts": ts, "pid": 1, "tid": 0,
+                               "args": {k: float(v) for k, v in args}})
         return {"traceEvents": meta + events, "displayTimeUnit": "ms"}
+
+    def spans(self, name: str | None = None) -> list[tuple]:
+        """(name, track, ts, dur, args) of the recorded spans (for summaries and tests)."""
+        return [e[1:] for e in list(self.events) if e[0] == "X" and (name is None or e[1] == name)]
+
+
+class _Span:
+    """A host-timed span: cheaper than a generator-based context manager on the hot path."""
+
+    __slots__ = ("rec", "name", "track", "args", "t0")
+
+    def __init__(self, rec: Recorder, name: str, track: str, args: dict):
+        self.rec, self.name, self.track, self.args = rec, name, track, args
+
+    def __enter__(self):
+        self.t0 = self.rec.now()
+        return self
+
+    def __exit__(self, *exc):
+        rec = self.rec
+        rec.events.append(("X", self.name, self.track, self.t0, rec.now() - self.t0, tuple(self.args.items())))
+        return False
+
+
+class _CudaSpan(_Span):
+    """Device-timed: a pair of CUDA events, turned into host-clock times at export."""
+
+    __slots__ = ("start", "end")
+
+    def __enter__(self):
+        self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.start.record()
+        return self
+
+    def __exit__(self, *exc):
+        self.end.record()
+        self.rec.pending_cuda.append((self.name, self.track, self.args, self.start, self.end))
+        return False

@@ -44,26 +44,40 @@ class Profile:
         if llm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(llm.device)
         self.steps: list[dict] = []
-        self.last = llm.stats()
+        self.last = self._counters()
+
+    def _counters(self) -> dict:
+        """The few raw counters a step records (cheaper than a full llm.stats() per token)."""
+        llm = self.llm
+        ex = llm.experts
+        c = getattr(ex, "counters", None)
+        t = getattr(ex, "transfer", None)
+        cache = llm._cache
+        tiers = cache.tokens_by_tier() if cache is not None else {"device": 0, "host": 0, "disk": 0}
+        return {"stall": c.stall_seconds if c else 0.0, "cpu": c.cpu_seconds if c else 0.0,
+                "hits": c.hits if c else 0, "misses": c.misses if c else 0,
+                "h2d": t.bytes_host_to_device if t else 0, "disk": t.bytes_disk_to_host if t else 0,
+                "pos": len(llm._cache_ids), "occupied": len(ex.cache.slot_of) if c else 0,
+                "kv_device": tiers["device"], "kv_host": tiers["host"], "kv_disk": tiers["disk"]}
 
     def step(self, kind: str, tokens: int, seconds: float) -> None:
         """After a prefill or a decoded token: per-step deltas of the counters, and trace counters."""
-        s, last = self.llm.stats(), self.last
+        now, last = self._counters(), self.last
         self.steps.append({
-            "kind": kind, "tokens": tokens, "ms": 1e3 * seconds, "pos": s.kv_tokens,
-            "stall_ms": 1e3 * (s.stall_seconds - last.stall_seconds),
-            "cpu_expert_ms": 1e3 * (s.cpu_expert_seconds - last.cpu_expert_seconds),
-            "hits": s.expert_hits - last.expert_hits, "misses": s.expert_misses - last.expert_misses,
-            "bytes_host_to_device": s.bytes_host_to_device - last.bytes_host_to_device,
-            "bytes_disk_to_host": s.bytes_disk_to_host - last.bytes_disk_to_host,
-            "kv_device": s.kv_tokens_device, "kv_host": s.kv_tokens_host, "kv_disk": s.kv_tokens_disk,
+            "kind": kind, "tokens": tokens, "ms": 1e3 * seconds, "pos": now["pos"],
+            "stall_ms": 1e3 * (now["stall"] - last["stall"]), "cpu_expert_ms": 1e3 * (now["cpu"] - last["cpu"]),
+            "hits": now["hits"] - last["hits"], "misses": now["misses"] - last["misses"],
+            "bytes_host_to_device": now["h2d"] - last["h2d"], "bytes_disk_to_host": now["disk"] - last["disk"],
+            "kv_device": now["kv_device"], "kv_host": now["kv_host"], "kv_disk": now["kv_disk"],
         })
         rec = self.rec
-        rec.counter("device bytes", resident=s.resident_bytes, experts=s.expert_bytes, kv=s.kv_bytes)
-        rec.counter("expert cache", occupied=s.experts_resident, slots=s.cache_slots)
-        rec.counter("bytes moved", host_to_device=s.bytes_host_to_device, disk_to_host=s.bytes_disk_to_host)
-        rec.counter("KV tokens", device=s.kv_tokens_device, host=s.kv_tokens_host, disk=s.kv_tokens_disk)
-        self.last = s
+        rec.counter("expert cache", occupied=now["occupied"])
+        rec.counter("bytes moved", host_to_device=now["h2d"], disk_to_host=now["disk"])
+        rec.counter("KV tokens", device=now["kv_device"], host=now["kv_host"], disk=now["kv_disk"])
+        if kind == "prefill" or len(self.steps) % 16 == 0:  # memory changes slowly: sample it
+            s = self.llm.stats()
+            rec.counter("device bytes", resident=s.resident_bytes, experts=s.expert_bytes, kv=s.kv_bytes)
+        self.last = now
 
     def summary(self) -> dict:
         s = self.llm.stats()
@@ -105,7 +119,7 @@ class Profile:
 
     def write(self) -> None:
         if self.llm.routing_trace is not None:
-            self.llm.routing_trace.file.flush()
+            self.llm.routing_trace.flush()
         summary = self.summary()
         (self.dir / "trace.json").write_text(json.dumps(self.rec.chrome_trace()))
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))

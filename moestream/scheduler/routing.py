@@ -34,20 +34,34 @@ class RoutingRecorder:
         self.file.write(json.dumps({"format": FORMAT, **meta}) + "\n")
         self.step, self.last_layer = 0, None
         self.guesses = None  # optional callable(layer) -> the prefetcher's distance-1 guess for it
+        self.pending: list[tuple] = []
         self.first_layer = min(meta["moe_layers"]) if meta["moe_layers"] else 0
 
     def __call__(self, layer: int, experts: torch.Tensor, scores: torch.Tensor) -> None:
         if layer == self.first_layer and self.last_layer is not None:
             self.step += 1
         self.last_layer = layer
-        rec = {"step": self.step, "layer": layer, "experts": experts.tolist(),
-               "scores": [[round(float(v), 5) for v in row] for row in scores.float().tolist()]}
         guess = self.guesses(layer) if self.guesses is not None else None
-        if guess is not None:
-            rec["predicted"] = guess
-        self.file.write(json.dumps(rec) + "\n")
+        self.pending.append((self.step, layer, experts.tolist(), scores.float().tolist(), guess))
+        if len(self.pending) >= 65536:  # formatting waits for close (or a long run): it is the costly part
+            self.flush()
+
+    def flush(self) -> None:
+        """Format and write the buffered records (kept off the per-layer path)."""
+        lines = []
+        for step, layer, experts, scores, guess in self.pending:
+            rec = {"step": step, "layer": layer, "experts": experts,
+                   "scores": [[round(v, 5) for v in row] for row in scores]}
+            if guess is not None:
+                rec["predicted"] = guess
+            lines.append(json.dumps(rec))
+        if lines:
+            self.file.write("\n".join(lines) + "\n")
+            self.file.flush()
+        self.pending.clear()
 
     def close(self) -> None:
+        self.flush()
         self.file.close()
 
 

@@ -1,0 +1,77 @@
+"""What profiling costs, one run: decode tok/s with profiling on vs off, on the same loaded model.
+
+    python benchmarks/profiling_overhead.py [-n 128] [-r 10]
+
+One model is loaded with --profile; "off" runs swap the no-op recorder back into every part (as an
+unprofiled load has it) and detach the routing trace, so both sides share the same weights in the
+same memory and only the recording differs. Runs alternate; the best of each is compared. The
+off path's own cost is measured directly: recorder calls per token x seconds per no-op call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+
+import torch
+
+import moestream
+from moestream.model.sampling import SamplingParams
+from moestream.profiling.recorder import NULL
+
+
+def switch(llm, on: bool, saved: dict) -> None:
+    """Profiling on (the recorder, the routing hook, per-step records) or off (NULL everywhere)."""
+    if not saved:
+        saved.update(rec=llm.rec, route=llm.model.on_route, profile=llm.profile)
+    rec = saved["rec"] if on else NULL
+    llm.rec = llm.model.rec = rec
+    if hasattr(llm.experts, "transfer"):
+        llm.experts.transfer.rec = rec
+    llm.model.on_route = saved["route"] if on else None
+    llm.profile = saved["profile"] if on else None
+
+
+def decode_tps(llm, prompt, n) -> float:
+    llm.reset()
+    llm.generate_ids(prompt, SamplingParams(temperature=0, max_tokens=n), stop_ids=set())
+    return llm.stats().generation_tps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("-r", type=int, default=10)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = tempfile.mkdtemp(prefix="moestream-prof-")
+    llm = moestream.load(profile=f"{work}/profile", expert_cache=3 * 2**20, expert_dir=work)  # offload on: copies recorded too
+    prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "Good morrow, my lord. What news?"}])
+    saved: dict = {}
+    best = {"off": 0.0, "on": 0.0}
+    for _ in range(args.r):
+        for mode in ("off", "on"):
+            switch(llm, mode == "on", saved)
+            best[mode] = max(best[mode], decode_tps(llm, prompt, args.n))
+    switch(llm, True, saved)
+    llm.close()
+
+    spans_per_token = 2 * (5 * llm.config.num_hidden_layers + 1) + 3  # mark/done pairs + sample/token/route
+    t0 = time.perf_counter()
+    for _ in range(100_000):
+        NULL.done("x", NULL.mark(), 1)
+    per_call = (time.perf_counter() - t0) / 200_000
+    off_cost = spans_per_token * per_call * best["off"]
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"embedded model, expert cache 3 MiB, decode {args.n} tokens, best of {args.r} alternating runs, same model")
+    print("| profiling | decode tok/s | cost |")
+    print("|---|---|---|")
+    print(f"| off | {best['off']:.1f} | {100 * off_cost:.2f}% (≈{spans_per_token} no-op calls x {1e9 * per_call:.0f} ns per token) |")
+    print(f"| on | {best['on']:.1f} | {100 * (1 - best['on'] / best['off']):.1f}% |")
+
+
+if __name__ == "__main__":
+    main()

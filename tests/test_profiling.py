@@ -1,0 +1,124 @@
+"""--profile: a Perfetto trace that nests and adds up, a summary that agrees with llm.stats(), plots."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import moestream
+from moestream.model.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    llm = moestream.load(profile=out, expert_cache=3 * 2**20, kv_gpu_mem=240 * 1000, ubatch=16, kv_block=16,
+                         expert_dir=out / "experts")
+    prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "Good morrow, my lord. What news?"}])
+    llm.generate_ids(prompt, SamplingParams(temperature=0.8, seed=1, max_tokens=80), stop_ids=set())
+    stats = llm.stats()
+    llm.close()
+    return out, stats
+
+
+def test_trace_is_valid_chrome_json_with_named_tracks(profiled):
+    out, _ = profiled
+    trace = json.loads((out / "trace.json").read_text())
+    events = trace["traceEvents"]
+    names = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {"compute", "H2D stream", "CPU experts", "sampling"} <= names
+    spans = [e for e in events if e["ph"] == "X"]
+    assert spans and all(isinstance(e["ts"], (int, float)) and e["dur"] >= 0 for e in spans)
+    assert {"layer", "attention", "router", "shared expert", "expert", "token", "prefill", "sample", "expert copy"} <= {
+        e["name"] for e in spans}
+    counters = [e for e in events if e["ph"] == "C"]
+    assert counters and all(v >= 0 for e in counters for v in e["args"].values())
+    assert {"device bytes", "expert cache", "bytes moved", "KV tokens"} <= {e["name"] for e in counters}
+
+
+def test_token_spans_contain_their_layers_and_add_up(profiled):
+    out, _ = profiled
+    events = json.loads((out / "trace.json").read_text())["traceEvents"]
+    tokens = [e for e in events if e["ph"] == "X" and e["name"] == "token"]
+    layers = [e for e in events if e["ph"] == "X" and e["name"] == "layer"]
+    assert len(tokens) >= 70
+    n_layers = 8
+    for tok in tokens:
+        inside = [e for e in layers if tok["ts"] <= e["ts"] and e["ts"] + e["dur"] <= tok["ts"] + tok["dur"] + 1e-3]
+        assert len(inside) == n_layers  # exactly one step's layers nest in each token span
+    # the per-layer spans, with the lm head and sampling, account for a token's measured time (within 10%)
+    parts = [e for e in events if e["ph"] == "X" and e["name"] in ("layer", "lm head", "sample")]
+    total_tokens = sum(t["dur"] for t in tokens)
+    in_tokens = sum(e["dur"] for t in tokens for e in parts
+                    if t["ts"] <= e["ts"] and e["ts"] + e["dur"] <= t["ts"] + t["dur"] + 1e-3)
+    assert 0.9 * total_tokens <= in_tokens <= total_tokens
+
+
+def test_summary_agrees_with_stats(profiled):
+    out, stats = profiled
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stats"]["expert_hits"] == stats.expert_hits and s["stats"]["expert_misses"] == stats.expert_misses
+    assert s["hit_rate"] == pytest.approx(stats.hit_rate)
+    assert s["tokens"]["decode"] == stats.generated_tokens - 1 and s["tokens"]["prefill"] == stats.prompt_tokens
+    assert s["cpu_experts"] == stats.cpu_experts
+    assert s["kv_tokens"] == {"device": stats.kv_tokens_device, "host": stats.kv_tokens_host, "disk": stats.kv_tokens_disk}
+    assert s["kv_tokens"]["host"] > 0
+    lat = s["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert s["prefetch_recall"] and 0 <= s["stall_fraction"] < 1
+    assert len(s["routing_counts"]) == 8 and sum(map(sum, s["routing_counts"])) > 0
+    assert (out / "routing.jsonl").exists() and (out / "report.md").read_text().startswith("# moestream profile")
+
+
+def test_report_renders_tables_and_plots(profiled):
+    out, _ = profiled
+    r = subprocess.run([sys.executable, "-m", "moestream", "report", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "decode latency" in r.stdout
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "moestream[plots]" in r.stdout
+        return
+    for name in ("latency", "hit_rate", "popularity", "bytes", "kv_tiers"):
+        png = out / "plots" / f"{name}.png"
+        assert png.exists() and png.stat().st_size > 1000
+
+
+def test_report_of_a_missing_profile_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "moestream", "report", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "record one with --profile" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_profiling_off_records_nothing():
+    llm = moestream.load()
+    assert not llm.rec.enabled and not llm.model.rec.enabled
+    with llm.rec.span("x"):
+        pass
+    assert not hasattr(llm.rec, "events")
+
+
+def test_bench_llama_bench_style_outputs(tmp_path):
+    def bench(*args):
+        r = subprocess.run([sys.executable, "-m", "moestream", "bench", *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    md = bench("-p", "32", "-n", "8", "-r", "2")
+    assert "| model | size | params | backend | test | t/s | expert hit % | GB/token | stall % |" in md
+    assert "| pp32 |" in md and "| tg8 |" in md and " ± " in md
+    rows = json.loads(bench("-p", "16", "-n", "4", "-pg", "16,4", "-d", "0,32", "-r", "2", "-o", "json",
+                            "--expert-cache", "1MiB,3MiB", "--cache-policy", "lru,lfu", "--expert-dir", str(tmp_path)))
+    assert len(rows) == 2 * 2 * 3 * 2  # caches x policies x tests x depths
+    assert {r["test"] for r in rows} == {"pp16", "tg4", "pp16+tg4", "pp16 @ d32", "tg4 @ d32", "pp16+tg4 @ d32"}
+    assert {(r["expert_cache"], r["cache_policy"]) for r in rows} == {("1MiB", "lru"), ("1MiB", "lfu"), ("3MiB", "lru"), ("3MiB", "lfu")}
+    assert all(r["t/s"] > 0 and r["stddev"] >= 0 for r in rows)
+    csv = bench("--synthetic", "tiny", "--layers", "2", "-p", "16", "-n", "4", "-r", "2", "-o", "csv")
+    assert csv.splitlines()[0].startswith("model,size,params,backend,test,t/s")
+    assert "synthetic-tiny-2L" in csv
+
+
+def test_bench_bad_input_is_one_line():
+    r = subprocess.run([sys.executable, "-m", "moestream", "bench", "-p", "lots"], capture_output=True, text=True)
+    assert r.returncode == 1 and "needs comma-separated whole numbers" in r.stderr and r.stderr.count("\n") == 1
