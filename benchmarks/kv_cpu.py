@@ -22,18 +22,9 @@ import psutil
 import torch
 
 import moestream
-from moestream.data.shakespeare import TEXT, conversations, split
+from moestream.data.shakespeare import held_out_ids
 from moestream.model.sampling import SamplingParams
 from moestream.scheduler.plan import kv_token_bytes
-
-
-def held_out(llm, n: int) -> list[int]:
-    ids: list[int] = []
-    for conv in split(conversations(TEXT.read_text()))[1]:
-        ids += llm.tokenizer.encode_chat(conv, add_generation_prompt=False)
-        if len(ids) >= n:
-            return ids[:n]
-    raise SystemExit("not enough held-out text")
 
 
 def main() -> None:
@@ -46,7 +37,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="moestream-kv-"))
     probe = moestream.load()
     c = probe.config
-    prompt = held_out(probe, args.context)
+    prompt = held_out_ids(probe.tokenizer, args.context)
     per_token = kv_token_bytes(c, "f32", "f32")
     n_global, n_rope = len(c.global_layers), c.num_hidden_layers - len(c.global_layers)
     ring = n_rope * c.attention_chunk_size * per_token

@@ -5,19 +5,9 @@ import pytest
 import torch
 
 from moestream.config import DEFAULT_MODEL
-from moestream.data.shakespeare import TEXT, conversations, split
+from moestream.data.shakespeare import held_out_ids as held_out
 
 from .conftest import oracle_logits
-
-def held_out_ids(llm, n_tokens: int) -> list[int]:
-    """The conversations the training script held out, in the chat template."""
-    ids: list[int] = []
-    for conv in split(conversations(TEXT.read_text()))[1]:
-        ids += llm.tokenizer.encode_chat(conv, add_generation_prompt=False)
-        if len(ids) >= n_tokens:
-            return ids[:n_tokens]
-    return ids
-
 
 def test_ships_inside_the_package_in_hf_layout():
     names = {p.name for p in DEFAULT_MODEL.iterdir()}
@@ -40,7 +30,7 @@ def test_matches_transformers(embedded):
     from transformers import Llama4ForCausalLM
 
     oracle = Llama4ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
-    ids = torch.tensor(held_out_ids(embedded, 300))  # several chunks of 64
+    ids = torch.tensor(held_out(embedded.tokenizer, 300))  # several chunks of 64
     ref = oracle_logits(oracle, ids)
     assert (embedded.logits(ids) - ref).abs().max().item() < 1e-4
     assert (embedded.decode_logits(ids[:150]) - ref[:150]).abs().max().item() < 1e-4
@@ -54,7 +44,7 @@ def test_every_expert_receives_tokens_on_held_out_text(embedded):
 
     embedded.model.on_route = record
     try:
-        ids = held_out_ids(embedded, 8192)
+        ids = held_out(embedded.tokenizer, 8192)
         for i in range(0, len(ids), 256):
             embedded.logits(ids[i:i + 256])
     finally:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import moestream
 from moestream import MoestreamError
-from moestream.data.shakespeare import TEXT, conversations, split
+from moestream.data.shakespeare import held_out_ids
 from moestream.model.sampling import SamplingParams
 from moestream.scheduler.plan import kv_token_bytes
 
@@ -54,17 +54,8 @@ def test_spilled_kv_matches_transformers_and_resident(tiny, tmp_path, name, tier
     llm.close()
 
 
-def held_out(llm, n: int) -> torch.Tensor:
-    ids = []
-    for conv in split(conversations(TEXT.read_text()))[1]:
-        ids += llm.tokenizer.encode_chat(conv, add_generation_prompt=False)
-        if len(ids) >= n:
-            break
-    return torch.tensor(ids[:n])
-
-
 def test_embedded_model_over_many_chunks_with_host_and_disk_tiers(embedded, tmp_path):
-    ids = held_out(embedded, 700)  # 11 chunks of 64
+    ids = torch.tensor(held_out_ids(embedded.tokenizer, 700))  # 11 chunks of 64
     ref = embedded.logits(ids)
     kw = spill_budgets(DEFAULT := embedded.runtime.model, hot=96, host_blocks=4, block=32, ubatch=48,
                        disk=tmp_path / "kv.bin")
@@ -84,7 +75,7 @@ def test_embedded_model_over_many_chunks_with_host_and_disk_tiers(embedded, tmp_
 
 def test_8bit_kv_tolerance_and_perplexity(embedded):
     """q8_0 keys and values: logits within 0.25 of f32; held-out perplexity within 1% of bf16 KV."""
-    ids = held_out(embedded, 2048)
+    ids = torch.tensor(held_out_ids(embedded.tokenizer, 2048))
 
     def perplexity(llm):
         total, count = 0.0, 0

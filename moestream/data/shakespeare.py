@@ -37,3 +37,13 @@ def split(convs: list) -> tuple[list, list]:
     """(training, held-out) conversations."""
     cut = int(len(convs) * (1 - HELD_OUT_FRACTION))
     return convs[:cut], convs[cut:]
+
+
+def held_out_ids(tokenizer, n_tokens: int) -> list[int]:
+    """The first `n_tokens` of the held-out conversations, in the chat template (for evaluations)."""
+    ids: list[int] = []
+    for conv in split(conversations(TEXT.read_text()))[1]:
+        ids += tokenizer.encode_chat(conv, add_generation_prompt=False)
+        if len(ids) >= n_tokens:
+            break
+    return ids[:n_tokens]

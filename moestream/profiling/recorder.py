@@ -37,26 +37,6 @@ class NullRecorder:
     def span(self, name: str, track: str = "compute", **args):
         return _NO_SPAN
 
-    def mark(self):
-        """A start point: host microseconds, or a recorded CUDA event when device time is measured."""
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return (time.perf_counter() - self.origin) * 1e6
-
-    def done(self, name: str, start, layer: int = -1, expert: int = -1, track: str = "compute") -> None:
-        args = (("layer", layer),) if expert < 0 else (("layer", layer), ("expert", expert))
-        if layer < 0:
-            args = ()
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.pending_cuda.append((name, track, dict(args), start, end))
-            return
-        now = (time.perf_counter() - self.origin) * 1e6
-        self.events.append(("X", name, track, start, now - start, args))
-
     def complete(self, name: str, start_us: float, end_us: float, track: str = "compute", **args) -> None:
         pass
 
@@ -100,24 +80,21 @@ class Recorder(NullRecorder):
         return _Span(self, name, track, args)
 
     def mark(self):
-        """A start point: host microseconds, or a recorded CUDA event when device time is measured."""
+        """A start point: the raw perf_counter, or a recorded CUDA event when device time is measured."""
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return (time.perf_counter() - self.origin) * 1e6
+        return time.perf_counter()
 
     def done(self, name: str, start, layer: int = -1, expert: int = -1, track: str = "compute") -> None:
-        args = (("layer", layer),) if expert < 0 else (("layer", layer), ("expert", expert))
-        if layer < 0:
-            args = ()
         if self.cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            self.pending_cuda.append((name, track, dict(args), start, end))
+            self.pending_cuda.append((name, track, _layer_args(layer, expert), start, end))
             return
-        now = (time.perf_counter() - self.origin) * 1e6
-        self.events.append(("X", name, track, start, now - start, args))
+        # raw clock values, converted at export: the hot path only reads the clock and appends
+        self.events.append(("R", name, track, start, time.perf_counter(), layer, expert))
 
     def complete(self, name: str, start_us: float, end_us: float, track: str = "compute", **args) -> None:
         # tuples of plain values: appends are atomic under the GIL, and the cyclic GC stops scanning them
@@ -143,7 +120,7 @@ class Recorder(NullRecorder):
         meta += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": i + 1, "args": {"name": t}} for i, t in enumerate(TRACKS)]
         meta.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "counters"}})
         events = []
-        for ph, name, track, ts, dur, args in sorted(list(self.events), key=lambda e: (e[3], -e[4])):
+        for ph, name, track, ts, dur, args in sorted(self._normalised(), key=lambda e: (e[3], -e[4])):
             if ph == "X":
                 tid = TRACKS.index(track) + 1 if track in TRACKS else len(TRACKS) + 1
                 events.append({"name": name, "cat": track, "ph": "X", "ts": ts, "dur": dur, "pid": 1, "tid": tid,
@@ -153,9 +130,23 @@ class Recorder(NullRecorder):
                                "args": {k: float(v) for k, v in args}})
         return {"traceEvents": meta + events, "displayTimeUnit": "ms"}
 
-    def spans(self, name: str | None = None) -> list[tuple]:
-        """(name, track, ts, dur, args) of the recorded spans (for summaries and tests)."""
-        return [e[1:] for e in list(self.events) if e[0] == "X" and (name is None or e[1] == name)]
+    def _normalised(self) -> list[tuple]:
+        """Every event as (ph, name, track, ts µs, dur µs, args items); raw hot-path spans converted."""
+        out = []
+        for e in list(self.events):
+            if e[0] == "R":
+                _, name, track, start, end, layer, expert = e
+                ts = (start - self.origin) * 1e6
+                out.append(("X", name, track, ts, (end - start) * 1e6, tuple(_layer_args(layer, expert).items())))
+            else:
+                out.append(e)
+        return out
+
+
+def _layer_args(layer: int, expert: int) -> dict:
+    if layer < 0:
+        return {}
+    return {"layer": layer} if expert < 0 else {"layer": layer, "expert": expert}
 
 
 class _Span:
