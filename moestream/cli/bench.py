@@ -36,7 +36,7 @@ def _counts(text: str, what: str) -> list[int]:
     return values
 
 
-def run_test(llm, kind: str, n_prompt: int, n_gen: int, depth: int, seed: int) -> dict:
+def run_test(llm, n_prompt: int, n_gen: int, depth: int, seed: int) -> dict:
     """One repetition: returns tokens/s and the counter deltas of the timed part."""
     from ..model.sampling import SamplingParams
 
@@ -115,8 +115,8 @@ def bench(ctx, n_prompt, n_gen, pg, n_depth, repetitions, output, synthetic, lay
         facts = model_facts(llm)
         for (kind, n_p, n_g), depth in itertools.product(tests, depths):
             name = {"pp": f"pp{n_p}", "tg": f"tg{n_g}", "pp+tg": f"pp{n_p}+tg{n_g}"}[kind] + (f" @ d{depth}" if depth else "")
-            run_test(llm, kind, min(n_p, 8), min(n_g, 2), depth, seed=0)  # warm-up
-            reps = [run_test(llm, kind, n_p, n_g, depth, seed=r + 1) for r in range(repetitions)]
+            run_test(llm, min(n_p, 8), min(n_g, 2), depth, seed=0)  # warm-up
+            reps = [run_test(llm, n_p, n_g, depth, seed=r + 1) for r in range(repetitions)]
             tps = [r["tps"] for r in reps]
             hits = [r["hit"] for r in reps if r["hit"] is not None]
             rows.append({**facts, **{k: values[k] for k in swept}, "test": name,
