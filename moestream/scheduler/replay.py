@@ -54,21 +54,19 @@ class ReplayRow:
 
 
 def _sequence(trace: Trace):
-    """Accesses, whether each is in a decode step, and the next layer's recorded guesses at each."""
-    accesses, decode, guesses = [], [], []
+    """Per access, in order: (layer, expert), whether its step decodes one token, the next layer's
+    recorded guesses (for the predictive policy), and whether the prefetcher had guessed it."""
+    accesses, decode, guesses, predicted = [], [], [], []
     records = trace.records
     for j, r in enumerate(records):
-        seen = dict.fromkeys(e for row in r["experts"] for e in row)
         nxt = records[j + 1] if j + 1 < len(records) and records[j + 1]["step"] == r["step"] else None
         guess = {(nxt["layer"], e): 1 for e in nxt.get("predicted", [])} if nxt else {}
-        for e in seen:
+        guessed_here = set(r.get("predicted", []))
+        for e in dict.fromkeys(e for row in r["experts"] for e in row):
             accesses.append((r["layer"], e))
             decode.append(len(r["experts"]) == 1)
             guesses.append(guess)
-    predicted = []  # was each access guessed by the prefetcher one layer earlier?
-    for r in records:
-        seen = dict.fromkeys(e for row in r["experts"] for e in row)
-        predicted += [e in set(r.get("predicted", [])) for e in seen]
+            predicted.append(e in guessed_here)
     return accesses, decode, guesses, predicted
 
 
