@@ -20,22 +20,9 @@ import torch
 
 from moestream.cache.kv import GlobalKV, KVCounters, KVLayout, KVPair, kv_type_bytes
 from moestream.config import parse_count
+from moestream.scheduler.cost import pinned_h2d_gbps
 
 HEADS, KV_HEADS, HEAD_DIM = 40, 8, 128
-
-
-def pinned_h2d_gbps(nbytes: int = 2**30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    best = 0.0
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        best = max(best, nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
-    return best
 
 
 def layer_at(ctx: int, window: int, kv_type: str) -> GlobalKV:

@@ -27,6 +27,7 @@ from moestream.cache.experts import ExpertCache
 from moestream.offload.engine import OffloadedExperts
 from moestream.offload.store import ExpertStore
 from moestream.offload.transfer import TransferEngine
+from moestream.scheduler.cost import pinned_h2d_gbps
 from moestream.scheduler.prefetch import Prefetcher
 
 D, FF, E = 5120, 8192, 16
@@ -46,20 +47,6 @@ class SyntheticCheckpoint:
 
     def fingerprint(self):
         return "synthetic"
-
-
-def pinned_h2d_gbps(nbytes: int = 2**30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    best = 0.0
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        best = max(best, nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
-    return best
 
 
 def decode(engine, routers, layers: int, tokens: int) -> float:
