@@ -123,9 +123,15 @@ def test_device_accounting_stays_within_gpu_mem(reference, tmp_path):
     budget = fixed + 5 * eb + eb // 2
     llm = moestream.load(path, gpu_mem=budget, expert_dir=tmp_path, cpu_experts="never")
     assert llm.plan.cache_slots == 5 and llm.plan.device_bytes <= budget
-    llm.generate_ids(PROMPT.tolist(), SamplingParams(temperature=0, max_tokens=40), stop_ids=set())
+    seen = []  # the accounting after every decoded token, not just at the end
+
+    def check(token):
+        seen.append(llm.stats().device_bytes)
+
+    llm.generate_ids(PROMPT.tolist(), SamplingParams(temperature=0, max_tokens=40), check, stop_ids=set())
     s = llm.stats()
     assert s.gpu_mem == budget and 0 < s.device_bytes <= budget
+    assert len(seen) == 40 and max(seen) <= budget
     llm.close()
 
 
