@@ -231,9 +231,9 @@ class LLM:
         try:
             while len(out) < budget:
                 t_token = time.perf_counter()
-                start = rec.now()
-                with rec.span("sample", track="sampling"):
-                    token = sample(logits, params, previous, generator)
+                start = rec.mark()
+                token = sample(logits, params, previous, generator)
+                rec.done("sample", start, track="sampling")
                 out.append(token)
                 s.generated_tokens += 1
                 s.total_generated_tokens += 1
@@ -247,7 +247,7 @@ class LLM:
                 logits = self._step([token])
                 if rec.enabled:
                     self._sync()
-                    rec.complete("token", start, rec.now(), index=len(out))
+                    rec.done("token", start)
                     self.profile.step("decode", 1, time.perf_counter() - t_token)
         finally:
             self._sync()

@@ -70,14 +70,22 @@ class Profile:
             "bytes_host_to_device": now["h2d"] - last["h2d"], "bytes_disk_to_host": now["disk"] - last["disk"],
             "kv_device": now["kv_device"], "kv_host": now["kv_host"], "kv_disk": now["kv_disk"],
         })
-        rec = self.rec
-        rec.counter("expert cache", occupied=now["occupied"])
-        rec.counter("bytes moved", host_to_device=now["h2d"], disk_to_host=now["disk"])
-        rec.counter("KV tokens", device=now["kv_device"], host=now["kv_host"], disk=now["kv_disk"])
+        self.steps[-1]["_ts"], self.steps[-1]["_occupied"] = self.rec.now(), now["occupied"]
+        self.steps[-1]["_h2d"], self.steps[-1]["_disk"] = now["h2d"], now["disk"]  # trace counters, at export
         if kind == "prefill" or len(self.steps) % 16 == 0:  # memory changes slowly: sample it
             s = self.llm.stats()
-            rec.counter("device bytes", resident=s.resident_bytes, experts=s.expert_bytes, kv=s.kv_bytes)
+            self.rec.counter("device bytes", resident=s.resident_bytes, experts=s.expert_bytes, kv=s.kv_bytes)
         self.last = now
+
+    def _trace_counters(self) -> None:
+        """Counter events from the per-step records (written at export, off the token path)."""
+        for x in self.steps:
+            rec, ts = self.rec, x.pop("_ts")
+            occupied, h2d, disk = x.pop("_occupied"), x.pop("_h2d"), x.pop("_disk")
+            rec.events.append(("C", "expert cache", "counter", ts, 0.0, (("occupied", occupied),)))
+            rec.events.append(("C", "bytes moved", "counter", ts, 0.0, (("host_to_device", h2d), ("disk_to_host", disk))))
+            rec.events.append(("C", "KV tokens", "counter", ts, 0.0,
+                               (("device", x["kv_device"]), ("host", x["kv_host"]), ("disk", x["kv_disk"]))))
 
     def summary(self) -> dict:
         s = self.llm.stats()
@@ -120,6 +128,7 @@ class Profile:
     def write(self) -> None:
         if self.llm.routing_trace is not None:
             self.llm.routing_trace.flush()
+        self._trace_counters()
         summary = self.summary()
         (self.dir / "trace.json").write_text(json.dumps(self.rec.chrome_trace()))
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
