@@ -201,17 +201,16 @@ class Llama4:
 
     def attention(self, x, block: Block, pos0: int, positions, rotations, temperature, layer_cache) -> torch.Tensor:
         c, w, T = self.config, block.attn, x.shape[0]
-        q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        q, k, v = F.linear(x, w.qkv).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = q.view(T, c.num_attention_heads, c.head_dim)
-        k = k.view(T, c.num_key_value_heads, c.head_dim)
-        v = v.view(T, c.num_key_value_heads, c.head_dim)
+        H, Hkv = c.num_attention_heads, c.num_key_value_heads
+        qkv = F.linear(x, w.qkv).view(T, H + 2 * Hkv, c.head_dim)  # heads: queries | keys | values
+        qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
         rope = c.uses_rope(block.index)
-        if rope:
-            q, k = apply_rope(q, rotations), apply_rope(k, rotations)
+        if rope:  # RoPE and QK-norm act per head alike on queries and keys: one call for both
+            qk = apply_rope(qk, rotations)
             if c.use_qk_norm:
-                q, k = rms_norm(q, None, c.rms_norm_eps), rms_norm(k, None, c.rms_norm_eps)
-        elif c.attn_temperature_tuning:
+                qk = rms_norm(qk, None, c.rms_norm_eps)
+        q, k = qk[:, :H], qk[:, H:]
+        if not rope and c.attn_temperature_tuning:
             q = (q * temperature).to(q.dtype)
 
         if layer_cache is not None:  # the cache stores k/v and attends over whatever tiers hold them
