@@ -49,7 +49,7 @@ class Prefetcher:
         """The distance-1 guess waiting for `layer` (None if none was made)."""
         for distance, guess in self.pending.get(layer, []):
             if distance == 1:
-                return sorted(guess)
+                return list(guess)
         return None
 
     def recall(self, distance: int) -> float:

@@ -42,7 +42,8 @@ class RoutingRecorder:
             self.step += 1
         self.last_layer = layer
         guess = self.guesses(layer) if self.guesses is not None else None
-        self.pending.append((self.step, layer, experts.tolist(), scores.float().tolist(), guess))
+        # keep the (tiny) tensors as they are: converting them is left to flush, off the token path
+        self.pending.append((self.step, layer, experts, scores, guess))
         if len(self.pending) >= 65536:  # formatting waits for close (or a long run): it is the costly part
             self.flush()
 
@@ -50,10 +51,10 @@ class RoutingRecorder:
         """Format and write the buffered records (kept off the per-layer path)."""
         lines = []
         for step, layer, experts, scores, guess in self.pending:
-            rec = {"step": step, "layer": layer, "experts": experts,
-                   "scores": [[round(v, 5) for v in row] for row in scores]}
+            rec = {"step": step, "layer": layer, "experts": experts.tolist(),
+                   "scores": [[round(v, 5) for v in row] for row in scores.float().tolist()]}
             if guess is not None:
-                rec["predicted"] = guess
+                rec["predicted"] = sorted(guess)
             lines.append(json.dumps(rec))
         if lines:
             self.file.write("\n".join(lines) + "\n")
