@@ -44,7 +44,7 @@ class RoutingRecorder:
         guess = self.guesses(layer) if self.guesses is not None else None
         # keep the (tiny) tensors as they are: converting them is left to flush, off the token path
         self.pending.append((self.step, layer, experts, scores, guess))
-        if len(self.pending) >= 65536:  # formatting waits for close (or a long run): it is the costly part
+        if len(self.pending) >= 8192:  # formatting waits (it is the costly part); bounded: the tensors may be on the GPU
             self.flush()
 
     def flush(self) -> None:
