@@ -137,11 +137,6 @@ class RuntimeConfig:
     kv_block: int = 256  # tokens per spilled KV block
     profile: Path | None = None  # write trace.json, summary.json, routing.jsonl, report.md here
 
-    @property
-    def offloading(self) -> bool:
-        """Whether any expert budget or placement flag was given (else: every expert resident)."""
-        return any(v is not None for v in (self.gpu_mem, self.cpu_mem, self.expert_cache)) or self.cpu_moe or self.n_cpu_moe > 0
-
     @classmethod
     def build(cls, path=None, device="auto", dtype="auto", ctx_size=0, threads=0, gpu_mem=None, cpu_mem=None,
               expert_cache=None, cpu_experts="auto", cache_policy="lfu", cache_split="auto", prefetch=1,

@@ -153,20 +153,17 @@ class LLM:
 
     def logits(self, ids) -> torch.Tensor:
         """[T, V] float32 logits of a fresh sequence, the whole prompt at once (in -ub micro-batches)."""
-        ids = self._ids(ids)
-        cache = self.new_cache()
-        try:
-            return self._forward(ids, cache, self.runtime.ubatch).cpu()
-        finally:
-            self._kv_counters = cache.counters
-            cache.close()
+        return self._fresh_logits(ids, self.runtime.ubatch)
 
     def decode_logits(self, ids) -> torch.Tensor:
         """The same logits as `logits`, fed one token at a time through a fresh KV cache."""
+        return self._fresh_logits(ids, 1)
+
+    def _fresh_logits(self, ids, step: int) -> torch.Tensor:
         ids = self._ids(ids)
         cache = self.new_cache()
         try:
-            return self._forward(ids, cache, 1).cpu()
+            return self._forward(ids, cache, step).cpu()
         finally:
             self._kv_counters = cache.counters
             cache.close()

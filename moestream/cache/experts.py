@@ -158,13 +158,6 @@ class ExpertCache:
         self.slot_of[key] = slot
         return slot, victim
 
-    def release(self, key: Key) -> None:
-        """Give a slot back (a fetch that was abandoned)."""
-        slot = self.slot_of.pop(key, None)
-        if slot is not None:
-            self.key_of[slot] = None
-            self.policy.forget(key)
-
 
 # --- offline analysis of a recorded access sequence ---------------------------------------------
 def belady(accesses: list[Key], slots: int, groups: dict[int, int] | None = None) -> list[bool]:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import MoestreamError
-from ..profiling.report import PLOTS_HINT, markdown, plots
+from ..profiling.report import PLOTS_HINT, plots, summary_rows
 from .main import cli
 
 
@@ -28,10 +28,8 @@ def report(directory, no_plots):
         raise MoestreamError(f"{path} is not valid JSON: record the profile again") from None
     con = Console(highlight=False)
     table = Table(title=f"profile of {summary['model']}", show_header=False)
-    for line in markdown(summary).splitlines():
-        if line.startswith("| ") and not line.startswith("| |"):
-            key, value = line.strip("| ").split(" | ", 1)
-            table.add_row(key, value)
+    for key, value in summary_rows(summary):
+        table.add_row(key, value)
     con.print(table)
     if no_plots:
         return

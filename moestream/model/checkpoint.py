@@ -72,6 +72,12 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def pack_into(out: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """Write one expert into a flat buffer in the packed layout [gate_up (D x 2F) | down (F x D)]."""
+    out[:gate_up.numel()].copy_(gate_up.flatten())
+    out[gate_up.numel():].copy_(down.flatten())
+
+
 def text_name(key: str) -> str | None:
     """Map a stored tensor name to the text model's name (`model.layers...`, `lm_head.weight`).
 
@@ -260,9 +266,7 @@ class Checkpoint:
         f = f"model.layers.{layer}.feed_forward.experts."
         parts = [self.tensors.get(f + "gate_up_proj"), self.tensors.get(f + "down_proj")]
         if self.per_expert_keys or out.device.type != "cpu" or out.dtype != SAFETENSORS_DTYPES[parts[0].dtype]:
-            gate_up, down = self.read_expert(layer, e)
-            out[:gate_up.numel()].copy_(gate_up.flatten())
-            out[gate_up.numel():].copy_(down.flatten())
+            pack_into(out, *self.read_expert(layer, e))
             return
         dest = out.view(torch.uint8).numpy()
         pos = 0

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import MoestreamError
 from ..scheduler.plan import PRESETS
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, pack_into
 from .config import ModelConfig
 
 SYNTHETIC = dict(PRESETS, tiny=dict(PRESETS["scout"], vocab_size=512, hidden_size=64, intermediate_size=96,
@@ -62,9 +62,7 @@ class SyntheticCheckpoint:
         return self._random(f + "gate_up", (D, 2 * F)), self._random(f + "down", (F, D))
 
     def read_expert_into(self, layer: int, e: int, out: torch.Tensor) -> None:
-        gate_up, down = self.read_expert(layer, e)
-        out[:gate_up.numel()].copy_(gate_up.flatten())
-        out[gate_up.numel():].copy_(down.flatten())
+        pack_into(out, *self.read_expert(layer, e))
 
     def fingerprint(self) -> str:
         return f"synthetic-{self.path.name}-{self.seed}"

@@ -150,7 +150,8 @@ def routing_counts(path: Path, config) -> list[list[int]]:
     return counts
 
 
-def markdown(s: dict) -> str:
+def summary_rows(s: dict) -> list[tuple[str, str]]:
+    """(label, value) lines of a summary: what report.md and `moestream report` both show."""
     lat = s["latency_ms"]
     rows = [
         ("model", f"{s['model']} ({s['device']}, {s['dtype']})"),
@@ -170,7 +171,11 @@ def markdown(s: dict) -> str:
     peak = s["peak_memory"]
     rows.append(("peak memory", (f"cuda {peak['cuda_bytes'] / 2**20:.0f} MiB · " if peak["cuda_bytes"] else "")
                  + f"host RSS {peak['host_rss_bytes'] / 2**20:.0f} MiB"))
-    out = ["# moestream profile", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return rows
+
+
+def markdown(s: dict) -> str:
+    out = ["# moestream profile", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary_rows(s)]
     out += ["", "Open `trace.json` in https://ui.perfetto.dev; `moestream report DIR` draws the plots.", ""]
     return "\n".join(out)
 
