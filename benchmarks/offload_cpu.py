@@ -80,16 +80,46 @@ def main() -> None:
 
     t = load_trace(trace)
     accesses, layers = t.accesses(), t.meta["moe_layers"]
-    print(f"\nreplay of the recorded routing ({t.tokens} tokens, {len(accesses)} expert accesses), {slots} slots:")
-    print("| policy | split | hit rate | of MIN |")
-    print("|---|---|---|---|")
-    for split, n, groups in (("global", slots, None), ("per-layer", slots // len(layers), {x: x for x in layers})):
-        bound = sum(belady(accesses, n, groups))
+    print(f"\nreplay of the recorded routing ({t.tokens} tokens, {len(accesses)} expert accesses), {slots} slots, "
+          "hit rate as a fraction of Belady's MIN:")
+    horizons = (1, 2, 4, 8)
+    print("| policy | global | per-layer |")
+    print("|---|---|---|")
+    splits = (("global", slots, None), ("per-layer", slots // len(layers), {x: x for x in layers}))
+    bounds = {split: sum(belady(accesses, n, groups)) for split, n, groups in splits}
+    rows: dict[str, list[str]] = {}
+    for split, n, groups in splits:
         for policy in ("lru", "lfu", "predictive"):
             hits = sum(simulate(accesses, n, policy, layers, groups))
-            print(f"| {policy} | {split} | {100 * hits / len(accesses):.1f}% | {hits / bound:.3f} |")
-        print(f"| Belady MIN | {split} | {100 * bound / len(accesses):.1f}% | 1.000 |")
+            rows.setdefault(policy, []).append(f"{hits / bounds[split]:.3f}")
+        for h in horizons:
+            hits = sum(lookahead_oracle(accesses, n, groups, h * len(layers)))
+            rows.setdefault(f"oracle knowing the next {h} token(s)", []).append(f"{hits / bounds[split]:.3f}")
+        rows.setdefault("Belady MIN hit rate", []).append(f"{100 * bounds[split] / len(accesses):.1f}%")
+    for name, cells in rows.items():
+        print(f"| {name} | {' | '.join(cells)} |")
 
+
+def lookahead_oracle(accesses, slots, groups, horizon):
+    """Hits of an eviction rule that sees the next `horizon` accesses exactly (MIN within them) and
+    ranks the rest by use so far (LFU): what an online policy could reach with a perfect predictor of
+    the next few tokens' routing."""
+    n = len(accesses)
+    next_use, seen = [n] * n, {}
+    for i in range(n - 1, -1, -1):
+        next_use[i] = seen.get(accesses[i], n + i)
+        seen[accesses[i]] = i
+    resident, count, hits = {}, {}, []
+    for i, key in enumerate(accesses):
+        cache = resident.setdefault(groups[key[0]] if groups else 0, {})
+        hits.append(key in cache)
+        if not hits[-1] and len(cache) >= slots:
+            def farthest(k):
+                return (0, cache[k]) if cache[k] - i <= horizon else (1, -count[k])
+            del cache[max(cache, key=farthest)]
+        cache[key] = next_use[i]
+        count[key] = count.get(key, 0) + 1
+    return hits
 
 if __name__ == "__main__":
     main()

@@ -119,7 +119,7 @@ class RuntimeConfig:
     cpu_mem: int | None = None  # host RAM for the expert store; the rest of the experts go to disk
     expert_cache: int | None = None  # bytes of expert-cache slots (default: what gpu_mem leaves)
     cpu_experts: str = "auto"  # compute a missing expert on the CPU: auto (cost model) | never | always
-    cache_policy: str = "lfu"  # measured best against Belady's MIN on recorded traces (README)
+    cache_policy: str = "predictive"  # closest to Belady's MIN on recorded traces (README)
     cache_split: str = "auto"  # per-layer shares when every layer gets a slot (measured better), else global
     prefetch: int = 1  # lookahead in MoE layers for speculative prefetch; 0 = off
     cpu_moe: bool = False  # llama.cpp --cpu-moe: every layer's routed experts stay on (and run on) the CPU
@@ -139,7 +139,7 @@ class RuntimeConfig:
 
     @classmethod
     def build(cls, path=None, device="auto", dtype="auto", ctx_size=0, threads=0, gpu_mem=None, cpu_mem=None,
-              expert_cache=None, cpu_experts="auto", cache_policy="lfu", cache_split="auto", prefetch=1,
+              expert_cache=None, cpu_experts="auto", cache_policy="predictive", cache_split="auto", prefetch=1,
               cpu_moe=False, n_cpu_moe=0, expert_dir=None, repack=True, record_routing=None, kv_gpu_mem=None,
               kv_cpu_mem=None, kv_disk=None, ubatch=512, cache_type_k="auto", cache_type_v="auto",
               kv_block=256, profile=None) -> "RuntimeConfig":

@@ -35,7 +35,7 @@ RUNTIME_FLAGS = [
      help="Bytes of expert-cache slots on the device (default: what --gpu-mem leaves).")),
     ("cpu_experts", ("--cpu-experts",), dict(type=click.Choice(["auto", "never", "always"]), default="auto",
      show_default=True, help="Run a missing expert on the CPU instead of fetching it: auto = measured cost model.")),
-    ("cache_policy", ("--cache-policy",), dict(type=click.Choice(["lru", "lfu", "predictive"]), default="lfu",
+    ("cache_policy", ("--cache-policy",), dict(type=click.Choice(["lru", "lfu", "predictive"]), default="predictive",
      show_default=True, help="Expert-cache eviction policy.")),
     ("cache_split", ("--cache-split",), dict(type=click.Choice(["auto", "global", "per-layer"]), default="auto",
      show_default=True, help="One slot pool for all layers, or an equal share per MoE layer; auto = per-layer "

@@ -77,7 +77,8 @@ class OffloadedExperts:
         c, tokens = self.counters, h.shape[0]
         if self.prefetcher is not None:
             self.prefetcher.score(layer, wanted)
-        self.cache.policy.observe(layer, wanted)
+        if layer not in self.cpu_layers:
+            self.cache.policy.observe(layer, wanted)
         protect = self.pending = {(layer, e) for e in wanted}
         self.decided = {}
         for e in wanted:
