@@ -174,29 +174,27 @@ class Llama4:
         rotations = rope_rotations(self.inv_freq, positions)
         temperature = attention_temperature(positions, self.config)[:, None, None]
         x = F.embedding(ids.to(self.device), self.embed)
-        rec = self.rec
+        rec = self.rec  # profiling: rec.mark() reads the clock, rec.add(span) keeps one (builtins; no-ops when off)
         for block in self.blocks:
             layer_cache = cache.layers[block.index] if cache is not None else None
-            t_layer = rec.mark()  # profiling spans (no-ops unless --profile)
+            t0 = rec.mark()
             h = rms_norm(x, block.attn_norm, self.config.rms_norm_eps)
-            t = rec.mark()
             x = x + self.attention(h, block, pos0, positions, rotations, temperature, layer_cache)
-            rec.done("attention", t, block.index)
+            t = rec.mark()
+            rec.add(("attention", t0, t, block.index))
             h = rms_norm(x, block.ffn_norm, self.config.rms_norm_eps)
             if isinstance(block.ffn, MoEWeights):
-                x = x + self.moe(h, block)
+                x = x + self.moe(h, block, t)
             else:
-                t = rec.mark()
                 x = x + swiglu(h, block.ffn.gate_up, block.ffn.down)
-                rec.done("dense mlp", t, block.index)
-            rec.done("layer", t_layer, block.index)
+                rec.add(("dense mlp", t, rec.mark(), block.index))
         if cache is not None:
             cache.pos += ids.shape[0]
         if last_only:
             x = x[-1:]
         t = rec.mark()
         logits = F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()
-        rec.done("lm head", t)
+        rec.add(("lm head", t, rec.mark(), -1))
         return logits
 
     def attention(self, x, block: Block, pos0: int, positions, rotations, temperature, layer_cache) -> torch.Tensor:
@@ -219,10 +217,10 @@ class Llama4:
             out = attend(q, k, v, positions, pos0, c.attention_chunk_size if rope else None)
         return F.linear(out, w.o)
 
-    def moe(self, x: torch.Tensor, block: Block) -> torch.Tensor:
+    def moe(self, x: torch.Tensor, block: Block, t=None) -> torch.Tensor:
+        """The MoE feed-forward; `t` is the profiling mark where its router span starts."""
         ffn: MoEWeights = block.ffn
         rec, layer = self.rec, block.index
-        t = rec.mark()
         top_experts, scores, _ = route(x, ffn.router, self.config.num_experts_per_tok)
         if self.on_route is not None:
             self.on_route(layer, top_experts, scores)
@@ -230,10 +228,10 @@ class Llama4:
         # answers with the order to compute in (experts already in place first)
         chosen = top_experts[0].tolist() if x.shape[0] == 1 else top_experts.unique().tolist()
         wanted = self.experts.prepare(layer, chosen, x)
-        rec.done("router", t, layer)
-        t = rec.mark()
+        t_router = rec.mark()
+        rec.add(("router", t, t_router, layer))
         out = swiglu(x, ffn.shared.gate_up, ffn.shared.down)
-        rec.done("shared expert", t, layer)
+        rec.add(("shared expert", t_router, rec.mark(), layer))
         for e in wanted:
             expert = self.experts.get(layer, e)  # the only place routed weights are touched
             t = rec.mark()
@@ -242,5 +240,5 @@ class Llama4:
             else:
                 rows, slots = (top_experts == e).nonzero(as_tuple=True)
                 out.index_add_(0, rows, expert(x[rows] * scores[rows, slots, None]))
-            rec.done("expert", t, layer, e, "CPU experts" if expert.on_cpu else "compute")
+            rec.add(("expert", t, rec.mark(), layer, e, "CPU experts" if expert.on_cpu else "compute"))
         return out

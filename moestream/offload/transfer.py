@@ -4,8 +4,10 @@ On CUDA: host-tier copies are issued on dedicated copy streams from pinned memor
 a high-priority stream, so they never queue behind speculative prefetches) and finish with an
 event; compute waits on that event only when it needs that very expert. Disk-tier experts are
 read by a worker thread into a pinned staging buffer first.
-On CPU (tests, CI): the same engine, with a worker thread doing the copies and reads, so every
-path - queueing, overlap, priority, waiting - runs in tests.
+On CPU (tests, CI): the same engine with the compute device = CPU. A host-tier "copy" is a memcpy
+on the calling thread (a hop to another thread costs more than copying a few hundred KB, and on a
+small machine a second Python thread holding the GIL stalls compute); disk-tier reads go to the
+worker thread, so queueing, priority and waiting all run in tests.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import time
 import weakref
 from concurrent.futures import Future
 
-import numpy as np
 import torch
 
 from ..cache.experts import ExpertCache
@@ -48,13 +49,6 @@ class Ticket:
         if self.event is not None:
             torch.cuda.current_stream().wait_event(self.event)
         return time.perf_counter() - t0
-
-
-def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """A host-memory copy with numpy's memcpy. A torch copy from the worker thread would start a
-    second OpenMP team whose spinning threads take the cores from compute (measured: decode at 0.4x
-    on 2 cores, even after the copies stop)."""
-    np.copyto(dst.view(torch.uint8).numpy(), src.view(torch.uint8).numpy())
 
 
 def _timed(fn, *args) -> tuple[float, float]:
@@ -116,12 +110,17 @@ class TransferEngine:
             self.bytes_disk_to_host += nbytes
         priority = PREFETCH if prefetch else DEMAND
         if not self.cuda:
-            job = (self.store.read_into, key, dst) if on_disk else (_copy_bytes, dst, self.store.host[self.store.host_index[key]])
-            span = None
+            if not on_disk:  # a memcpy on this thread: a hop to the worker would cost more than the copy
+                start = time.perf_counter()
+                dst.copy_(self.store.host[self.store.host_index[key]])
+                if self.rec.enabled:
+                    self.rec.add(("expert copy", start, time.perf_counter(), key[0], key[1], "H2D stream",
+                                  (("prefetch", prefetch),)))
+                return Ticket(prefetch=prefetch)
+            job, span = (self.store.read_into, key, dst), None
             if self.rec.enabled:  # the worker only reads the clock; the span is recorded when waited on
-                job = (_timed, *job)
-                span = (self.rec, "expert read" if on_disk else "expert copy", "disk" if on_disk else "H2D stream",
-                        {"layer": key[0], "expert": key[1], "prefetch": prefetch})
+                job, span = (_timed, *job), (self.rec, "expert read", "disk",
+                                             {"layer": key[0], "expert": key[1], "prefetch": prefetch})
             return Ticket(future=self.worker.submit(priority, *job), prefetch=prefetch, span=span)
 
         if self.rec.enabled:

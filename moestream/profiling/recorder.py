@@ -1,10 +1,13 @@
 """Recorder: spans and counters from every part of the runtime, for traces, summaries and plots.
 
-Off by default: the parts hold `NULL` (a NullRecorder), whose `span` hands back one shared
-do-nothing context manager, so an unprofiled run pays a method call per span and nothing else.
-On, spans are complete events with microsecond timestamps on named tracks ("compute",
-"H2D stream", "disk", "CPU experts"); on CUDA, device work is timed with CUDA events so the spans
-show device time, not launch time.
+Off by default: the parts hold `NULL` (a NullRecorder), whose methods do nothing. The hot path (every
+layer of every token) uses two builtins, so that recording costs no Python frame:
+    t = rec.mark()                                  # the clock (off: float(), which is 0.0)
+    rec.add(("attention", t, rec.mark(), layer))    # keep a span (off: id(), which ignores it)
+A span is (name, start, end, layer[, expert, track[, args]]) on a named track ("compute",
+"H2D stream", "disk", "CPU experts", "sampling"); spans become Chrome trace events with microsecond
+timestamps at export. On CUDA, `mark` records a CUDA event, so spans show device time, not launch
+time. Less frequent events (prefill, KV spills, disk reads, counters) use `span`/`complete`/`counter`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import time
 import torch
 
 TRACKS = ("compute", "H2D stream", "disk", "CPU experts", "sampling")
+LAYER_PARTS = ("attention", "router", "shared expert", "expert", "dense mlp")  # the spans inside a "layer"
+SPAN_DEFAULTS = (-1, "compute", ())  # a span's optional expert, track, args
 
 
 class _NoSpan:
@@ -33,6 +38,8 @@ class NullRecorder:
     """The recorder when profiling is off: every call does nothing."""
 
     enabled = False
+    mark = staticmethod(float)  # builtins: see the module's docstring
+    add = staticmethod(id)
 
     def span(self, name: str, track: str = "compute", **args):
         return _NO_SPAN
@@ -46,13 +53,6 @@ class NullRecorder:
     def now(self) -> float:
         return 0.0
 
-    # the model's hot path: `t = rec.mark(); ...; rec.done("attention", t, layer)`, no objects made
-    def mark(self):
-        return 0.0
-
-    def done(self, name: str, start, layer: int = -1, expert: int = -1, track: str = "compute") -> None:
-        pass
-
 
 NULL = NullRecorder()
 
@@ -61,10 +61,13 @@ class Recorder(NullRecorder):
     enabled = True
 
     def __init__(self, device: torch.device | None = None):
-        self.events: list[dict] = []
+        self.events: list[tuple] = []  # (ph, name, track, ts µs, dur µs, args items): spans and counters
+        self.spans: list[tuple] = []  # the hot path's raw spans, converted at export
         self.origin = time.perf_counter()
         self.cuda = device is not None and device.type == "cuda"
         self.pending_cuda: list[tuple] = []  # (name, track, args, start event, end event), resolved at export
+        self.mark = self._cuda_mark if self.cuda else time.perf_counter
+        self.add = self.spans.append
         if self.cuda:
             self.base_event = torch.cuda.Event(enable_timing=True)
             self.base_event.record()
@@ -74,27 +77,16 @@ class Recorder(NullRecorder):
         """Microseconds since the recorder started."""
         return (time.perf_counter() - self.origin) * 1e6
 
+    @staticmethod
+    def _cuda_mark():
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
     def span(self, name: str, track: str = "compute", **args):
         if self.cuda and track == "compute":
             return _CudaSpan(self, name, track, args)
         return _Span(self, name, track, args)
-
-    def mark(self):
-        """A start point: the raw perf_counter, or a recorded CUDA event when device time is measured."""
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def done(self, name: str, start, layer: int = -1, expert: int = -1, track: str = "compute") -> None:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.pending_cuda.append((name, track, _layer_args(layer, expert), start, end))
-            return
-        # raw clock values, converted at export: the hot path only reads the clock and appends
-        self.events.append(("R", name, track, start, time.perf_counter(), layer, expert))
 
     def complete(self, name: str, start_us: float, end_us: float, track: str = "compute", **args) -> None:
         # tuples of plain values: appends are atomic under the GIL, and the cyclic GC stops scanning them
@@ -103,24 +95,29 @@ class Recorder(NullRecorder):
     def counter(self, name: str, **values) -> None:
         self.events.append(("C", name, "counter", self.now(), 0.0, tuple(values.items())))
 
+    def _device_us(self, start, end) -> tuple[float, float]:
+        """(ts, dur) in µs on the host clock for a pair of CUDA events (after a synchronize)."""
+        return self.base_us + self.base_event.elapsed_time(start) * 1e3, start.elapsed_time(end) * 1e3
+
     def resolve_cuda(self) -> None:
-        """Turn CUDA event pairs into spans on the host clock (after a synchronize)."""
+        """Turn the context-manager spans' CUDA event pairs into spans on the host clock."""
         if not self.pending_cuda:
             return
         torch.cuda.synchronize()
         for name, track, args, start, end in self.pending_cuda:
-            ts = self.base_us + self.base_event.elapsed_time(start) * 1e3
-            self.complete(name, ts, ts + start.elapsed_time(end) * 1e3, track, **args)
+            ts, dur = self._device_us(start, end)
+            self.complete(name, ts, ts + dur, track, **args)
         self.pending_cuda.clear()
 
-    def chrome_trace(self) -> dict:
-        """{"traceEvents": [...]} for ui.perfetto.dev / chrome://tracing, with named tracks."""
+    def chrome_trace(self, extra: list[tuple] = ()) -> dict:
+        """{"traceEvents": [...]} for ui.perfetto.dev / chrome://tracing, with named tracks; `extra`:
+        more events in the recorder's tuple form (counters made at export)."""
         self.resolve_cuda()
         meta = [{"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "moestream"}}]
         meta += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": i + 1, "args": {"name": t}} for i, t in enumerate(TRACKS)]
         meta.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "counters"}})
         events = []
-        for ph, name, track, ts, dur, args in sorted(self._normalised(), key=lambda e: (e[3], -e[4])):
+        for ph, name, track, ts, dur, args in sorted(self._normalised() + list(extra), key=lambda e: (e[3], -e[4])):
             if ph == "X":
                 tid = TRACKS.index(track) + 1 if track in TRACKS else len(TRACKS) + 1
                 events.append({"name": name, "cat": track, "ph": "X", "ts": ts, "dur": dur, "pid": 1, "tid": tid,
@@ -131,26 +128,51 @@ class Recorder(NullRecorder):
         return {"traceEvents": meta + events, "displayTimeUnit": "ms"}
 
     def _normalised(self) -> list[tuple]:
-        """Every event as (ph, name, track, ts µs, dur µs, args items); raw hot-path spans converted."""
-        out = []
-        for e in list(self.events):
-            if e[0] == "R":
-                _, name, track, start, end, layer, expert = e
-                ts = (start - self.origin) * 1e6
-                out.append(("X", name, track, ts, (end - start) * 1e6, tuple(_layer_args(layer, expert).items())))
+        """Every event as (ph, name, track, ts µs, dur µs, args items): the hot path's raw spans converted,
+        and a "layer" span around each layer's parts (derived here rather than timed on the hot path)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        spans = []
+        for name, start, end, layer, *rest in list(self.spans):
+            expert, track, args = (*rest, *SPAN_DEFAULTS[len(rest):])
+            if isinstance(start, float):
+                ts, dur = (start - self.origin) * 1e6, (end - start) * 1e6
             else:
-                out.append(e)
-        return out
+                ts, dur = self._device_us(start, end)
+            spans.append(("X", name, track, ts, dur, _layer_args(layer, expert) + tuple(args)))
+        return list(self.events) + spans + _layer_spans(spans)
 
 
-def _layer_args(layer: int, expert: int) -> dict:
+def _layer_spans(spans: list[tuple]) -> list[tuple]:
+    """One "layer" span per layer step, from its attention's start to the end of its last part
+    (`spans`: the hot path's spans in the order they were recorded)."""
+    out, current = [], None  # current: [layer args, start, end]
+    for _, name, track, ts, dur, args in spans:
+        if name not in LAYER_PARTS:
+            if track in ("compute", "sampling") and current is not None:  # the lm head, the token: layers are done
+                out.append(("X", "layer", "compute", current[1], current[2] - current[1], current[0]))
+                current = None
+            continue
+        layer_args = args[:1]
+        if name == "attention" or current is None or current[0] != layer_args:
+            if current is not None:
+                out.append(("X", "layer", "compute", current[1], current[2] - current[1], current[0]))
+            current = [layer_args, ts, ts + dur]
+        else:
+            current[2] = max(current[2], ts + dur)
+    if current is not None:
+        out.append(("X", "layer", "compute", current[1], current[2] - current[1], current[0]))
+    return out
+
+
+def _layer_args(layer: int, expert: int) -> tuple:
     if layer < 0:
-        return {}
-    return {"layer": layer} if expert < 0 else {"layer": layer, "expert": expert}
+        return ()
+    return (("layer", layer),) if expert < 0 else (("layer", layer), ("expert", expert))
 
 
 class _Span:
-    """A host-timed span: cheaper than a generator-based context manager on the hot path."""
+    """A host-timed span for the less frequent events (a small object, no generator)."""
 
     __slots__ = ("rec", "name", "track", "args", "t0")
 

@@ -43,54 +43,62 @@ class Profile:
             llm.experts.transfer.rec = self.rec
         if llm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(llm.device)
-        self.steps: list[dict] = []
-        self.last = self._counters()
+        self.raw_steps: list[tuple] = []  # (kind, tokens, seconds, µs, counters): per-step records, raw
+        self.first = self._counters()
 
-    def _counters(self) -> dict:
-        """The few raw counters a step records (cheaper than a full llm.stats() per token)."""
+    COUNTERS = ("stall", "cpu", "hits", "misses", "h2d", "disk", "pos", "occupied", "kv_device", "kv_host", "kv_disk")
+
+    def _counters(self) -> tuple:
+        """The raw counters a step records, in COUNTERS order (a tuple: this runs every token)."""
         llm = self.llm
         ex = llm.experts
         c = getattr(ex, "counters", None)
         t = getattr(ex, "transfer", None)
         cache = llm._cache
         tiers = cache.tokens_by_tier() if cache is not None else {"device": 0, "host": 0, "disk": 0}
-        return {"stall": c.stall_seconds if c else 0.0, "cpu": c.cpu_seconds if c else 0.0,
-                "hits": c.hits if c else 0, "misses": c.misses if c else 0,
-                "h2d": t.bytes_host_to_device if t else 0, "disk": t.bytes_disk_to_host if t else 0,
-                "pos": len(llm._cache_ids), "occupied": len(ex.cache.slot_of) if c else 0,
-                "kv_device": tiers["device"], "kv_host": tiers["host"], "kv_disk": tiers["disk"]}
+        return (c.stall_seconds if c else 0.0, c.cpu_seconds if c else 0.0, c.hits if c else 0, c.misses if c else 0,
+                t.bytes_host_to_device if t else 0, t.bytes_disk_to_host if t else 0, len(llm._cache_ids),
+                len(ex.cache.slot_of) if c else 0, tiers["device"], tiers["host"], tiers["disk"])
 
     def step(self, kind: str, tokens: int, seconds: float) -> None:
-        """After a prefill or a decoded token: per-step deltas of the counters, and trace counters."""
-        now, last = self._counters(), self.last
-        self.steps.append({
-            "kind": kind, "tokens": tokens, "ms": 1e3 * seconds, "pos": now["pos"],
-            "stall_ms": 1e3 * (now["stall"] - last["stall"]), "cpu_expert_ms": 1e3 * (now["cpu"] - last["cpu"]),
-            "hits": now["hits"] - last["hits"], "misses": now["misses"] - last["misses"],
-            "bytes_host_to_device": now["h2d"] - last["h2d"], "bytes_disk_to_host": now["disk"] - last["disk"],
-            "kv_device": now["kv_device"], "kv_host": now["kv_host"], "kv_disk": now["kv_disk"],
-        })
-        self.steps[-1]["_ts"], self.steps[-1]["_occupied"] = self.rec.now(), now["occupied"]
-        self.steps[-1]["_h2d"], self.steps[-1]["_disk"] = now["h2d"], now["disk"]  # trace counters, at export
-        if kind == "prefill" or len(self.steps) % 16 == 0:  # memory changes slowly: sample it
+        """After a prefill or a decoded token: its time and the raw counters (deltas come at export)."""
+        self.raw_steps.append((kind, tokens, seconds, self.rec.now(), self._counters()))
+        if kind == "prefill" or len(self.raw_steps) % 16 == 0:  # memory changes slowly: sample it
             s = self.llm.stats()
             self.rec.counter("device bytes", resident=s.resident_bytes, experts=s.expert_bytes, kv=s.kv_bytes)
-        self.last = now
 
-    def _trace_counters(self) -> None:
-        """Counter events from the per-step records (written at export, off the token path)."""
-        for x in self.steps:
-            rec, ts = self.rec, x.pop("_ts")
-            occupied, h2d, disk = x.pop("_occupied"), x.pop("_h2d"), x.pop("_disk")
-            rec.events.append(("C", "expert cache", "counter", ts, 0.0, (("occupied", occupied),)))
-            rec.events.append(("C", "bytes moved", "counter", ts, 0.0, (("host_to_device", h2d), ("disk_to_host", disk))))
-            rec.events.append(("C", "KV tokens", "counter", ts, 0.0,
-                               (("device", x["kv_device"]), ("host", x["kv_host"]), ("disk", x["kv_disk"]))))
+    @property
+    def steps(self) -> list[dict]:
+        """One record per step: its kind, tokens, time, position, counter deltas and KV per tier."""
+        out, last = [], dict(zip(self.COUNTERS, self.first))
+        for kind, tokens, seconds, _, raw in self.raw_steps:
+            now = dict(zip(self.COUNTERS, raw))
+            out.append({
+                "kind": kind, "tokens": tokens, "ms": 1e3 * seconds, "pos": now["pos"],
+                "stall_ms": 1e3 * (now["stall"] - last["stall"]), "cpu_expert_ms": 1e3 * (now["cpu"] - last["cpu"]),
+                "hits": now["hits"] - last["hits"], "misses": now["misses"] - last["misses"],
+                "bytes_host_to_device": now["h2d"] - last["h2d"], "bytes_disk_to_host": now["disk"] - last["disk"],
+                "kv_device": now["kv_device"], "kv_host": now["kv_host"], "kv_disk": now["kv_disk"],
+            })
+            last = now
+        return out
+
+    def _trace_counters(self) -> list[tuple]:
+        """Counter events from the per-step records (made at export, off the token path)."""
+        events = []
+        for *_, ts, raw in self.raw_steps:
+            now = dict(zip(self.COUNTERS, raw))
+            events.append(("C", "expert cache", "counter", ts, 0.0, (("occupied", now["occupied"]),)))
+            events.append(("C", "bytes moved", "counter", ts, 0.0, (("host_to_device", now["h2d"]), ("disk_to_host", now["disk"]))))
+            events.append(("C", "KV tokens", "counter", ts, 0.0,
+                           (("device", now["kv_device"]), ("host", now["kv_host"]), ("disk", now["kv_disk"]))))
+        return events
 
     def summary(self) -> dict:
         s = self.llm.stats()
-        decode = [x for x in self.steps if x["kind"] == "decode"]
-        prefill = [x for x in self.steps if x["kind"] == "prefill"]
+        steps = self.steps
+        decode = [x for x in steps if x["kind"] == "decode"]
+        prefill = [x for x in steps if x["kind"] == "prefill"]
         lat = sorted(x["ms"] for x in decode)
 
         def pct(q: float) -> float:
@@ -121,16 +129,15 @@ class Profile:
                 "cuda_bytes": torch.cuda.max_memory_allocated(self.llm.device) if self.llm.device.type == "cuda" else None,
                 "host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
             "stats": s.as_dict(),
-            "series": self.steps,
+            "series": steps,
             "routing_counts": routing_counts(routing, self.llm.config) if routing.exists() else None,
         }
 
     def write(self) -> None:
         if self.llm.routing_trace is not None:
             self.llm.routing_trace.flush()
-        self._trace_counters()
         summary = self.summary()
-        (self.dir / "trace.json").write_text(json.dumps(self.rec.chrome_trace()))
+        (self.dir / "trace.json").write_text(json.dumps(self.rec.chrome_trace(extra=self._trace_counters())))
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
         (self.dir / "report.md").write_text(markdown(summary))
 

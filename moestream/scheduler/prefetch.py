@@ -23,6 +23,7 @@ class Prefetcher:
         targets = [layer for layer in moe_layers if layer in routers]
         self.next_layers = {layer: [t for t in targets if t > layer][:lookahead] for layer in moe_layers}
         self.pending: dict[int, list[tuple[int, set[int]]]] = defaultdict(list)  # target -> [(distance, guess)]
+        self.next_guess: dict[int, set[int]] = {}  # target -> the distance-1 guess waiting for it (read by the routing trace)
         self.predicted = defaultdict(int)  # distance -> experts predicted
         self.used = defaultdict(int)  # distance -> experts actually used (at layers that had a guess)
         self.correct = defaultdict(int)  # distance -> predicted and used
@@ -34,23 +35,19 @@ class Prefetcher:
             experts, _, _ = route(h, self.routers[target], self.top_k)
             guess = experts.flatten().tolist()
             self.pending[target].append((distance, set(guess)))
+            if distance == 1:
+                self.next_guess[target] = self.pending[target][-1][1]
             out.append((target, distance, guess))
         return out
 
     def score(self, layer: int, actual: list[int]) -> None:
         """Compare the guesses made for `layer` with what its router chose."""
         used = set(actual)
+        self.next_guess.pop(layer, None)
         for distance, guess in self.pending.pop(layer, []):
             self.predicted[distance] += len(guess)
             self.used[distance] += len(used)
             self.correct[distance] += len(guess & used)
-
-    def guess_for(self, layer: int) -> list[int] | None:
-        """The distance-1 guess waiting for `layer` (None if none was made)."""
-        for distance, guess in self.pending.get(layer, []):
-            if distance == 1:
-                return list(guess)
-        return None
 
     def recall(self, distance: int) -> float:
         return self.correct[distance] / self.used[distance] if self.used[distance] else 0.0

@@ -33,7 +33,7 @@ class RoutingRecorder:
             raise MoestreamError(f"cannot write the routing trace {path}: {e.strerror}") from None
         self.file.write(json.dumps({"format": FORMAT, **meta}) + "\n")
         self.step, self.last_layer = 0, None
-        self.guesses = None  # optional callable(layer) -> the prefetcher's distance-1 guess for it
+        self.guesses: dict = {}  # layer -> the prefetcher's distance-1 guess for it (its live dict, when there is one)
         self.pending: list[tuple] = []
         self.first_layer = min(meta["moe_layers"]) if meta["moe_layers"] else 0
 
@@ -41,24 +41,29 @@ class RoutingRecorder:
         if layer == self.first_layer and self.last_layer is not None:
             self.step += 1
         self.last_layer = layer
-        guess = self.guesses(layer) if self.guesses is not None else None
+        guess = self.guesses.get(layer)
         # keep the (tiny) tensors as they are: converting them is left to flush, off the token path
         self.pending.append((self.step, layer, experts, scores, guess))
-        if len(self.pending) >= 8192:  # formatting waits (it is the costly part); bounded: the tensors may be on the GPU
+        if len(self.pending) >= 8192:  # formatting waits for the end of the reply, or this bound (tensors may be on the GPU)
             self.flush()
 
     def flush(self) -> None:
         """Format and write the buffered records (kept off the per-layer path)."""
-        lines = []
-        for step, layer, experts, scores, guess in self.pending:
-            rec = {"step": step, "layer": layer, "experts": experts.tolist(),
-                   "scores": [[round(v, 5) for v in row] for row in scores.float().tolist()]}
-            if guess is not None:
-                rec["predicted"] = sorted(guess)
-            lines.append(json.dumps(rec))
-        if lines:
-            self.file.write("\n".join(lines) + "\n")
-            self.file.flush()
+        if not self.pending:
+            return
+        # two bulk conversions instead of two per record: the tensors are tiny, the calls are not
+        experts = torch.cat([p[2] for p in self.pending]).tolist()  # [tokens of all records, k]
+        scores = torch.cat([p[3] for p in self.pending]).float().tolist()
+        lines, pos = [], 0
+        for step, layer, e, _, guess in self.pending:
+            tokens = len(e)
+            rows = experts[pos:pos + tokens]
+            vals = [[round(v, 5) for v in row] for row in scores[pos:pos + tokens]]
+            pos += tokens
+            predicted = f', "predicted": {sorted(guess)}' if guess is not None else ""
+            lines.append(f'{{"step": {step}, "layer": {layer}, "experts": {rows}, "scores": {vals}{predicted}}}')
+        self.file.write("\n".join(lines) + "\n")
+        self.file.flush()
         self.pending.clear()
 
     def close(self) -> None:
