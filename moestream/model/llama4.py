@@ -180,12 +180,12 @@ class Llama4:
             t0 = rec.mark()
             h = rms_norm(x, block.attn_norm, self.config.rms_norm_eps)
             x = x + self.attention(h, block, pos0, positions, rotations, temperature, layer_cache)
-            t = rec.mark()
-            rec.add(("attention", t0, t, block.index))
+            rec.add(("attention", t0, rec.mark(), block.index))
             h = rms_norm(x, block.ffn_norm, self.config.rms_norm_eps)
             if isinstance(block.ffn, MoEWeights):
-                x = x + self.moe(h, block, t)
+                x = x + self.moe(h, block)
             else:
+                t = rec.mark()
                 x = x + swiglu(h, block.ffn.gate_up, block.ffn.down)
                 rec.add(("dense mlp", t, rec.mark(), block.index))
         if cache is not None:
@@ -217,10 +217,10 @@ class Llama4:
             out = attend(q, k, v, positions, pos0, c.attention_chunk_size if rope else None)
         return F.linear(out, w.o)
 
-    def moe(self, x: torch.Tensor, block: Block, t=None) -> torch.Tensor:
-        """The MoE feed-forward; `t` is the profiling mark where its router span starts."""
+    def moe(self, x: torch.Tensor, block: Block) -> torch.Tensor:
         ffn: MoEWeights = block.ffn
         rec, layer = self.rec, block.index
+        t = rec.mark()
         top_experts, scores, _ = route(x, ffn.router, self.config.num_experts_per_tok)
         if self.on_route is not None:
             self.on_route(layer, top_experts, scores)
