@@ -235,7 +235,7 @@ class LLM:
                 t_token = time.perf_counter()
                 start = rec.mark()
                 token = sample(logits, params, previous, generator)
-                rec.add(("sample", start, rec.mark(), -1, -1, "sampling"))
+                rec.add(("sample", start, rec.mark(), (-1, -1, "sampling")))
                 out.append(token)
                 s.generated_tokens += 1
                 s.total_generated_tokens += 1

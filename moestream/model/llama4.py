@@ -240,5 +240,5 @@ class Llama4:
             else:
                 rows, slots = (top_experts == e).nonzero(as_tuple=True)
                 out.index_add_(0, rows, expert(x[rows] * scores[rows, slots, None]))
-            rec.add(("expert", t, rec.mark(), layer, e, "CPU experts" if expert.on_cpu else "compute"))
+            rec.add(("expert", t, rec.mark(), (layer, e, "CPU experts" if expert.on_cpu else "compute")))
         return out

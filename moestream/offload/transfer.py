@@ -114,8 +114,7 @@ class TransferEngine:
                 start = time.perf_counter()
                 dst.copy_(self.store.host[self.store.host_index[key]])
                 if self.rec.enabled:
-                    self.rec.add(("expert copy", start, time.perf_counter(), key[0], key[1], "H2D stream",
-                                  (("prefetch", prefetch),)))
+                    self.rec.add(("expert copy", start, time.perf_counter(), (*key, "H2D stream", (("prefetch", prefetch),))))
                 return Ticket(prefetch=prefetch)
             job, span = (self.store.read_into, key, dst), None
             if self.rec.enabled:  # the worker only reads the clock; the span is recorded when waited on

@@ -4,10 +4,12 @@ Off by default: the parts hold `NULL` (a NullRecorder), whose methods do nothing
 layer of every token) uses two builtins, so that recording costs no Python frame:
     t = rec.mark()                                  # the clock (off: float(), which is 0.0)
     rec.add(("attention", t, rec.mark(), layer))    # keep a span (off: id(), which ignores it)
-A span is (name, start, end, layer[, expert, track[, args]]) on a named track ("compute",
-"H2D stream", "disk", "CPU experts", "sampling"); spans become Chrome trace events with microsecond
-timestamps at export. On CUDA, `mark` records a CUDA event, so spans show device time, not launch
-time. Less frequent events (prefill, KV spills, disk reads, counters) use `span`/`complete`/`counter`.
+A span is (name, start, end, where): `where` is the layer (-1: none) or (layer, expert, track[, args]);
+tracks are "compute" (the default), "H2D stream", "disk", "CPU experts", "sampling". `add` extends one
+flat list with the four values, so a span leaves no object for Python's cyclic GC to scan (the
+tuple is freed at once). Spans become Chrome trace events with microsecond timestamps at export.
+On CUDA, `mark` records a CUDA event, so spans show device time, not launch time. Less frequent
+events (prefill, KV spills, disk reads, counters) use `span`/`complete`/`counter`.
 """
 
 from __future__ import annotations
@@ -62,12 +64,12 @@ class Recorder(NullRecorder):
 
     def __init__(self, device: torch.device | None = None):
         self.events: list[tuple] = []  # (ph, name, track, ts µs, dur µs, args items): spans and counters
-        self.spans: list[tuple] = []  # the hot path's raw spans, converted at export
+        self.spans: list = []  # the hot path's raw spans, four values each, converted at export
         self.origin = time.perf_counter()
         self.cuda = device is not None and device.type == "cuda"
         self.pending_cuda: list[tuple] = []  # (name, track, args, start event, end event), resolved at export
         self.mark = self._cuda_mark if self.cuda else time.perf_counter
-        self.add = self.spans.append
+        self.add = self.spans.extend
         if self.cuda:
             self.base_event = torch.cuda.Event(enable_timing=True)
             self.base_event.record()
@@ -132,8 +134,10 @@ class Recorder(NullRecorder):
         and a "layer" span around each layer's parts (derived here rather than timed on the hot path)."""
         if self.cuda:
             torch.cuda.synchronize()
-        spans = []
-        for name, start, end, layer, *rest in list(self.spans):
+        spans, raw = [], list(self.spans)
+        for i in range(0, len(raw), 4):
+            name, start, end, where = raw[i:i + 4]
+            layer, *rest = where if isinstance(where, tuple) else (where,)
             expert, track, args = (*rest, *SPAN_DEFAULTS[len(rest):])
             if isinstance(start, float):
                 ts, dur = (start - self.origin) * 1e6, (end - start) * 1e6
