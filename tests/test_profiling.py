@@ -30,7 +30,8 @@ def test_trace_is_valid_chrome_json_with_named_tracks(profiled):
     assert {"compute", "H2D stream", "CPU experts", "sampling"} <= names
     spans = [e for e in events if e["ph"] == "X"]
     assert spans and all(isinstance(e["ts"], (int, float)) and e["dur"] >= 0 for e in spans)
-    assert {"layer", "attention", "router", "shared expert", "expert", "token", "prefill", "sample", "expert copy"} <= {
+    assert {"embed", "layer", "attention", "router", "shared expert", "expert", "token", "prefill", "sample",
+            "expert copy"} <= {
         e["name"] for e in spans}
     counters = [e for e in events if e["ph"] == "C"]
     assert counters and all(v >= 0 for e in counters for v in e["args"].values())
@@ -47,8 +48,9 @@ def test_token_spans_contain_their_layers_and_add_up(profiled):
     for tok in tokens:
         inside = [e for e in layers if tok["ts"] <= e["ts"] and e["ts"] + e["dur"] <= tok["ts"] + tok["dur"] + 1e-3]
         assert len(inside) == n_layers  # exactly one step's layers nest in each token span
-    # the per-layer spans, with the lm head and sampling, account for a token's measured time (within 10%)
-    parts = [e for e in events if e["ph"] == "X" and e["name"] in ("layer", "lm head", "sample")]
+    # the per-layer spans, with the embedding, the lm head and sampling, account for a token's measured
+    # time (within 10%)
+    parts = [e for e in events if e["ph"] == "X" and e["name"] in ("embed", "layer", "lm head", "sample")]
     total_tokens = sum(t["dur"] for t in tokens)
     in_tokens = sum(e["dur"] for t in tokens for e in parts
                     if t["ts"] <= e["ts"] and e["ts"] + e["dur"] <= t["ts"] + t["dur"] + 1e-3)
@@ -122,3 +124,50 @@ def test_bench_llama_bench_style_outputs(tmp_path):
 def test_bench_bad_input_is_one_line():
     r = subprocess.run([sys.executable, "-m", "moestream", "bench", "-p", "lots"], capture_output=True, text=True)
     assert r.returncode == 1 and "needs comma-separated whole numbers" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_cuda_event_spans_land_on_the_host_clock(monkeypatch):
+    """The recorder's CUDA path (device-timed events instead of clock readings), run on the CPU with
+    events stamped by the host clock: spans keep their durations and their place on the timeline."""
+    import time
+
+    import torch
+
+    from moestream.profiling.recorder import Recorder
+
+    class HostEvent:  # torch.cuda.Event's timing interface
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self, stream=None):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3  # milliseconds, as CUDA reports them
+
+    monkeypatch.setattr(torch.cuda, "Event", HostEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    rec = Recorder(torch.device("cuda"))
+    starts = []
+    for layer in range(2):
+        t = rec.mark()
+        starts.append((t.t - rec.origin) * 1e6)
+        time.sleep(0.002)
+        rec.add(("attention", t, rec.mark(), layer))
+        with rec.span("kv host blocks", layer=layer):
+            time.sleep(0.001)
+        t = rec.mark()
+        time.sleep(0.001)
+        rec.add(("expert", t, rec.mark(), (layer, 3, "CPU experts")))
+    events = [e for e in rec.chrome_trace()["traceEvents"] if e["ph"] == "X"]
+    attention = sorted((e for e in events if e["name"] == "attention"), key=lambda e: e["ts"])
+    assert [e["args"] for e in attention] == [{"layer": 0}, {"layer": 1}]
+    for e, start in zip(attention, starts):
+        assert 2000 <= e["dur"] < 2000 + 20_000 and abs(e["ts"] - start) < 1000
+    kv = [e for e in events if e["name"] == "kv host blocks"]
+    assert len(kv) == 2 and all(e["dur"] >= 1000 for e in kv)
+    experts = [e for e in events if e["name"] == "expert"]
+    assert {e["cat"] for e in experts} == {"CPU experts"} and experts[0]["args"] == {"layer": 0, "expert": 3}
+    layers = sorted((e for e in events if e["name"] == "layer"), key=lambda e: e["ts"])
+    assert len(layers) == 2 and all(e["dur"] >= 4000 for e in layers)
+    assert layers[0]["ts"] + layers[0]["dur"] <= layers[1]["ts"]

@@ -169,12 +169,14 @@ class Llama4:
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (float32) for token ids [T] continuing `cache` (None = a fresh sequence, no cache)."""
+        rec = self.rec  # profiling: rec.mark() reads the clock, rec.add(span) keeps one (builtins; no-ops when off)
+        t = rec.mark()
         pos0 = cache.pos if cache is not None else 0
         positions = torch.arange(pos0, pos0 + ids.shape[0], device=self.device)
         rotations = rope_rotations(self.inv_freq, positions)
         temperature = attention_temperature(positions, self.config)[:, None, None]
         x = F.embedding(ids.to(self.device), self.embed)
-        rec = self.rec  # profiling: rec.mark() reads the clock, rec.add(span) keeps one (builtins; no-ops when off)
+        rec.add(("embed", t, rec.mark(), -1))  # with the positions' rotations and temperatures
         for block in self.blocks:
             layer_cache = cache.layers[block.index] if cache is not None else None
             t0 = rec.mark()
