@@ -89,10 +89,9 @@ class LLM:
             self.routing_trace = RoutingRecorder(runtime.record_routing, {
                 "model": str(runtime.model), "moe_layers": c.moe_layers, "num_experts": c.num_local_experts,
                 "top_k": c.num_experts_per_tok, "expert_bytes": self.plan.expert_bytes})
-            self.model.on_route = self.routing_trace
-            prefetcher = getattr(self.experts, "prefetcher", None)
-            if prefetcher is not None:
-                self.routing_trace.guesses = prefetcher.next_guess
+            self.model.on_route = self.routing_trace.hook
+            if getattr(self.experts, "prefetcher", None) is not None:
+                self.experts.route_log = self.routing_trace.pending  # the guesses go right after their records
 
     def _place_experts(self, progress=None):
         """Every expert resident (read on first use), or the offload engine the plan calls for."""
@@ -152,8 +151,11 @@ class LLM:
 
     def _forward(self, ids: torch.Tensor, cache: KVCache, step: int, last_only: bool = False) -> torch.Tensor:
         """Feed ids through the cache `step` tokens at a time (prefill micro-batches, -ub)."""
-        pieces = [self.model.forward(ids[i:i + step], cache, last_only=last_only and i + step >= ids.numel())
-                  for i in range(0, ids.numel(), step)]
+        pieces, trace = [], self.routing_trace
+        for i in range(0, ids.numel(), step):
+            pieces.append(self.model.forward(ids[i:i + step], cache, last_only=last_only and i + step >= ids.numel()))
+            if trace is not None and len(trace.pending) >= trace.LIMIT:  # bounded: its tensors may be on the GPU
+                trace.flush()
         return pieces[-1] if last_only else torch.cat(pieces)
 
     def logits(self, ids) -> torch.Tensor:
@@ -245,7 +247,8 @@ class LLM:
                     stream(token)
                 if len(out) == budget:
                     break
-                previous = torch.cat([previous, previous.new_tensor([token])])
+                if params.repetition_penalty != 1.0:  # the only reader of the history
+                    previous = torch.cat([previous, previous.new_tensor([token])])
                 logits = self._step([token])
                 if rec.enabled:
                     self._sync()

@@ -24,7 +24,7 @@ def test_loading_reads_no_expert(tiny):
 def test_one_token_reads_only_the_chosen_experts(tiny):
     llm = moestream.load(tiny("maverick")[0])
     chosen = []
-    llm.model.on_route = lambda layer, experts, scores: chosen.extend((layer, e) for e in experts.flatten().tolist())
+    llm.model.on_route = lambda record: chosen.extend((record[0], e) for e in record[1].flatten().tolist())
     llm.logits([5])
     assert len(chosen) == len(llm.config.moe_layers)  # top-1, one token: one expert per MoE layer
     assert llm.checkpoint.expert_reads == len(chosen)

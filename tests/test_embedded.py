@@ -39,7 +39,8 @@ def test_matches_transformers(embedded):
 def test_every_expert_receives_tokens_on_held_out_text(embedded):
     counts = torch.zeros(embedded.config.num_hidden_layers, embedded.config.num_local_experts)
 
-    def record(layer, experts, scores):
+    def record(routing):
+        layer, experts, _ = routing
         counts[layer] += torch.bincount(experts.flatten().cpu(), minlength=counts.shape[1]).float()
 
     embedded.model.on_route = record

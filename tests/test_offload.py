@@ -296,6 +296,26 @@ def test_record_routing_covers_every_token_and_layer(reference, tmp_path):
     assert os.path.getsize(trace_path) > 0
 
 
+def test_recorded_predictions_are_the_prefetchers_guesses(embedded, tmp_path):
+    """The trace's "predicted" fields, scored against the recorded routing, give the recall the
+    prefetcher reports itself; prefill steps (no prediction) and each step's first layer carry none."""
+    trace_path = tmp_path / "t.jsonl"
+    llm = moestream.load(expert_cache=32 * embedded.plan.expert_bytes, prefetch=1, cpu_experts="never",
+                         record_routing=trace_path, expert_dir=tmp_path)
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Good morrow, my lord."}])
+    llm.generate_ids(ids, SamplingParams(temperature=0.8, seed=0, max_tokens=40), stop_ids=set())
+    recall = llm.stats().prefetch_recall[1]
+    llm.close()
+    recs = [json.loads(x) for x in trace_path.read_text().splitlines()[1:]]
+    assert len(recs) == 40 * 8 and len({r["step"] for r in recs}) == 40
+    first = [r for r in recs if r["layer"] == 0 or r["step"] == 0]
+    assert not any("predicted" in r for r in first)
+    scored = [r for r in recs if r not in first]
+    assert all("predicted" in r for r in scored)
+    hits = sum(r["experts"][0][0] in r["predicted"] for r in scored)
+    assert hits / len(scored) == pytest.approx(recall)
+
+
 def test_policies_have_distinct_victims():
     from moestream.cache.experts import LFU, LRU, Predictive
 

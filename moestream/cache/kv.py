@@ -392,6 +392,7 @@ class KVCache:
             else GlobalKV(i, config.num_key_value_heads, config.head_dim, device, dtype, self.layout, self.disk, self.counters)
             for i in range(config.num_hidden_layers)
         ]
+        self.first_global = next((layer for layer in self.layers if isinstance(layer, GlobalKV)), None)
         self.pos = 0
 
     @property
@@ -405,7 +406,7 @@ class KVCache:
 
     def tokens_by_tier(self) -> dict[str, int]:
         """Tokens of one global layer in each tier (every global layer holds the same split)."""
-        g = next((layer for layer in self.layers if isinstance(layer, GlobalKV)), None)
+        g = self.first_global
         if g is None:
             return {"device": self.pos, "host": 0, "disk": 0}
         return {"device": g.n_hot, "host": g.n_host, "disk": len(g.disk_blocks) * self.layout.block}

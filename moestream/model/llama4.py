@@ -127,7 +127,7 @@ class Llama4:
         self.experts = experts  # anything with .get(layer, e) -> callable expert
         self.device, self.dtype = torch.device(device), dtype
         self.inv_freq = rope_inv_freq(config).to(self.device)
-        self.on_route = None  # optional hook(layer, experts [T, k], scores [T, k]) for routing traces
+        self.on_route = None  # optional hook((layer, experts [T, k], scores [T, k])) for routing traces
         self.rec = NULL  # profiling recorder (spans); NULL when profiling is off
         self.resident_bytes = sum(t.numel() * t.element_size() for t in self.resident_tensors())
 
@@ -225,7 +225,7 @@ class Llama4:
         t = rec.mark()
         top_experts, scores, _ = route(x, ffn.router, self.config.num_experts_per_tok)
         if self.on_route is not None:
-            self.on_route(layer, top_experts, scores)
+            self.on_route((layer, top_experts, scores))
         # tell the expert source everything this step needs first: it starts every copy, and
         # answers with the order to compute in (experts already in place first)
         chosen = top_experts[0].tolist() if x.shape[0] == 1 else top_experts.unique().tolist()

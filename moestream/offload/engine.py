@@ -69,6 +69,7 @@ class OffloadedExperts:
         self.decided: dict[int, object] = {}  # expert -> slot index, CPUExpert or DEFERRED, for the current layer
         self.pending: set[tuple[int, int]] = set()  # this layer's experts not yet handed to the model
         self.gets = 0
+        self.route_log: list | None = None  # the routing trace's buffer, when one is recorded
 
     # --- the seam the model calls ----------------------------------------------------------------
     def prepare(self, layer: int, wanted: list[int], h: torch.Tensor) -> list[int]:
@@ -76,6 +77,8 @@ class OffloadedExperts:
         (deferred fetches last, so the experts computed before them free their slots)."""
         c, tokens = self.counters, h.shape[0]
         if self.prefetcher is not None:
+            if self.route_log is not None:  # the routing trace records the guess that was made for this layer
+                self.route_log.append(self.prefetcher.next_guess.get(layer))
             self.prefetcher.score(layer, wanted)
         if layer not in self.cpu_layers:
             self.cache.policy.observe(layer, wanted)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import resource
 import statistics
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class Profile:
             llm.experts.transfer.rec = self.rec
         if llm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(llm.device)
+        self.offload_counters = getattr(llm.experts, "counters", None)
+        self.transfer = getattr(llm.experts, "transfer", None)
         self.raw_steps: list[tuple] = []  # (kind, tokens, seconds, µs, counters): per-step records, raw
         self.first = self._counters()
 
@@ -50,19 +53,16 @@ class Profile:
 
     def _counters(self) -> tuple:
         """The raw counters a step records, in COUNTERS order (a tuple: this runs every token)."""
-        llm = self.llm
-        ex = llm.experts
-        c = getattr(ex, "counters", None)
-        t = getattr(ex, "transfer", None)
+        llm, c, t = self.llm, self.offload_counters, self.transfer
         cache = llm._cache
         tiers = cache.tokens_by_tier() if cache is not None else {"device": 0, "host": 0, "disk": 0}
         return (c.stall_seconds if c else 0.0, c.cpu_seconds if c else 0.0, c.hits if c else 0, c.misses if c else 0,
                 t.bytes_host_to_device if t else 0, t.bytes_disk_to_host if t else 0, len(llm._cache_ids),
-                len(ex.cache.slot_of) if c else 0, tiers["device"], tiers["host"], tiers["disk"])
+                len(llm.experts.cache.slot_of) if c else 0, tiers["device"], tiers["host"], tiers["disk"])
 
     def step(self, kind: str, tokens: int, seconds: float) -> None:
         """After a prefill or a decoded token: its time and the raw counters (deltas come at export)."""
-        self.raw_steps.append((kind, tokens, seconds, self.rec.now(), self._counters()))
+        self.raw_steps.append((kind, tokens, seconds, (time.perf_counter() - self.rec.origin) * 1e6, self._counters()))
         if kind == "prefill" or len(self.raw_steps) % 16 == 0:  # memory changes slowly: sample it
             s = self.llm.stats()
             self.rec.counter("device bytes", resident=s.resident_bytes, experts=s.expert_bytes, kv=s.kv_bytes)

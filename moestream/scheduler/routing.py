@@ -24,7 +24,16 @@ FORMAT = "moestream-routing/1"
 
 
 class RoutingRecorder:
-    """The model's on_route hook, appending records to a JSONL file."""
+    """Buffers the model's routing and writes it as JSONL, off the per-layer path.
+
+    The model's hook is `pending.append` (a builtin: no Python frame per layer): it appends
+    (layer, experts [T, k], scores [T, k]) for each MoE layer step; the offload engine, when it
+    predicts, appends the prefetcher's distance-1 guess for that layer right after (a set, or None).
+    Steps are numbered and records paired with their guesses when they are formatted: at the end of
+    each reply, or every LIMIT entries (the tensors may be on the GPU).
+    """
+
+    LIMIT = 16384
 
     def __init__(self, path: Path, meta: dict):
         try:
@@ -33,38 +42,37 @@ class RoutingRecorder:
             raise MoestreamError(f"cannot write the routing trace {path}: {e.strerror}") from None
         self.file.write(json.dumps({"format": FORMAT, **meta}) + "\n")
         self.step, self.last_layer = 0, None
-        self.guesses: dict = {}  # layer -> the prefetcher's distance-1 guess for it (its live dict, when there is one)
-        self.pending: list[tuple] = []
+        self.pending: list = []
+        self.hook = self.pending.append
         self.first_layer = min(meta["moe_layers"]) if meta["moe_layers"] else 0
 
-    def __call__(self, layer: int, experts: torch.Tensor, scores: torch.Tensor) -> None:
-        if layer == self.first_layer and self.last_layer is not None:
-            self.step += 1
-        self.last_layer = layer
-        guess = self.guesses.get(layer)
-        # keep the (tiny) tensors as they are: converting them is left to flush, off the token path
-        self.pending.append((self.step, layer, experts, scores, guess))
-        if len(self.pending) >= 8192:  # formatting waits for the end of the reply, or this bound (tensors may be on the GPU)
-            self.flush()
-
     def flush(self) -> None:
-        """Format and write the buffered records (kept off the per-layer path)."""
-        if not self.pending:
+        """Format and write the buffered records."""
+        records: list[list] = []  # [layer, experts, scores, guess]
+        for item in self.pending:
+            if isinstance(item, tuple):
+                records.append([*item, None])
+            elif records:  # the guess made for the record just before it
+                records[-1][3] = item
+        self.pending.clear()
+        if not records:
             return
         # two bulk conversions instead of two per record: the tensors are tiny, the calls are not
-        experts = torch.cat([p[2] for p in self.pending]).tolist()  # [tokens of all records, k]
-        scores = torch.cat([p[3] for p in self.pending]).float().tolist()
+        experts = torch.cat([r[1] for r in records]).tolist()  # [tokens of all records, k]
+        scores = torch.cat([r[2] for r in records]).float().tolist()
         lines, pos = [], 0
-        for step, layer, e, _, guess in self.pending:
+        for layer, e, _, guess in records:
+            if layer == self.first_layer and self.last_layer is not None:
+                self.step += 1
+            self.last_layer = layer
             tokens = len(e)
             rows = experts[pos:pos + tokens]
             vals = [[round(v, 5) for v in row] for row in scores[pos:pos + tokens]]
             pos += tokens
             predicted = f', "predicted": {sorted(guess)}' if guess is not None else ""
-            lines.append(f'{{"step": {step}, "layer": {layer}, "experts": {rows}, "scores": {vals}{predicted}}}')
+            lines.append(f'{{"step": {self.step}, "layer": {layer}, "experts": {rows}, "scores": {vals}{predicted}}}')
         self.file.write("\n".join(lines) + "\n")
         self.file.flush()
-        self.pending.clear()
 
     def close(self) -> None:
         self.flush()
