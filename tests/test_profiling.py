@@ -171,3 +171,14 @@ def test_cuda_event_spans_land_on_the_host_clock(monkeypatch):
     layers = sorted((e for e in events if e["name"] == "layer"), key=lambda e: e["ts"])
     assert len(layers) == 2 and all(e["dur"] >= 4000 for e in layers)
     assert layers[0]["ts"] + layers[0]["dur"] <= layers[1]["ts"]
+
+
+def test_bench_sweep_writes_one_profile_per_configuration(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "moestream", "bench", "-p", "16", "-n", "4", "-r", "1",
+                        "--expert-cache", "1MiB,3MiB", "--expert-dir", str(tmp_path / "x"),
+                        "--profile", str(tmp_path / "prof"), "--record-routing", str(tmp_path / "r.jsonl")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for label in ("expert_cache=1MiB", "expert_cache=3MiB"):
+        assert json.loads((tmp_path / "prof" / label / "trace.json").read_text())["traceEvents"]
+        assert (tmp_path / f"r.{label}.jsonl").read_text().startswith('{"format": "moestream-routing/1"')

@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import statistics
+from pathlib import Path
 
 import click
 import torch
@@ -99,6 +100,13 @@ def bench(ctx, n_prompt, n_gen, pg, n_depth, repetitions, output, synthetic, lay
     rows = []
     for combo in itertools.product(*sweeps.values()):
         values = dict(zip(sweeps, combo))
+        if swept:  # one profile / routing trace per configuration, not the last one over the others
+            label = ",".join(f"{k}={values[k]}" for k in swept).replace("/", "_")
+            if values.get("profile"):
+                values["profile"] = str(Path(values["profile"]) / label)
+            if values.get("record_routing"):
+                trace = Path(values["record_routing"])
+                values["record_routing"] = str(trace.with_name(f"{trace.stem}.{label}{trace.suffix}"))
         checkpoint = None
         if synthetic:
             from ..model.synthetic import SyntheticCheckpoint
