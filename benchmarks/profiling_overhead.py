@@ -28,12 +28,14 @@ from moestream.profiling.recorder import NULL
 def switch(llm, on: bool, saved: dict) -> None:
     """Profiling on (the recorder, the routing hook, per-step records) or off (NULL everywhere)."""
     if not saved:
-        saved.update(rec=llm.rec, route=llm.model.on_route, profile=llm.profile)
+        saved.update(rec=llm.rec, route=llm.model.on_route, profile=llm.profile, trace=llm.routing_trace,
+                     route_log=llm.experts.route_log)
     rec = saved["rec"] if on else NULL
     llm.rec = llm.model.rec = rec
-    if hasattr(llm.experts, "transfer"):
-        llm.experts.transfer.rec = rec
+    llm.experts.transfer.rec = rec
     llm.model.on_route = saved["route"] if on else None
+    llm.experts.route_log = saved["route_log"] if on else None  # the prefetcher's guesses for the trace
+    llm.routing_trace = saved["trace"] if on else None
     llm.profile = saved["profile"] if on else None
 
 
