@@ -65,8 +65,10 @@ class LLM:
         self._kv_counters = None  # of the last cache used (for stats after logits() / reset())
         self._cache_ids: list[int] = []  # the tokens whose keys/values the cache holds
         self._observe(runtime)
-        # What exists now (torch's ~170k module objects, the model, ours) lives until exit: freezing it
-        # keeps Python's full collections, which would scan it all (~90 ms), out of token steps.
+        # What exists now (torch's ~170k module objects, the model) lives on: freezing it keeps Python's
+        # full collections, which would scan it all (~90 ms), out of token steps. Unfreezing first lets
+        # this collection reclaim whatever an earlier, dropped model left in reference cycles.
+        gc.unfreeze()
         gc.collect()
         gc.freeze()
         self._stats = Stats(load_seconds=time.perf_counter() - t0)

@@ -182,3 +182,22 @@ def test_bench_sweep_writes_one_profile_per_configuration(tmp_path):
     for label in ("expert_cache=1MiB", "expert_cache=3MiB"):
         assert json.loads((tmp_path / "prof" / label / "trace.json").read_text())["traceEvents"]
         assert (tmp_path / f"r.{label}.jsonl").read_text().startswith('{"format": "moestream-routing/1"')
+
+
+def test_dropped_models_are_freed(tmp_path):
+    """Loading freezes what exists (gc.freeze) to keep full collections out of token steps; that must
+    not keep a dropped model alive: no reference cycle holds a profiled one, and the next load
+    reclaims one that a caller tied into a cycle."""
+    import weakref
+
+    llm = moestream.load(profile=tmp_path / "p", expert_cache=3 * 2**20, expert_dir=tmp_path / "x")
+    llm.generate("Good morrow", max_tokens=2)
+    ref = weakref.ref(llm)
+    del llm
+    assert ref() is None
+    llm = moestream.load()
+    llm.me = llm
+    ref = weakref.ref(llm)
+    del llm
+    moestream.load()
+    assert ref() is None

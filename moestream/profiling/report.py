@@ -17,6 +17,7 @@ import json
 import resource
 import statistics
 import time
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,7 +38,7 @@ class Profile:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise MoestreamError(f"cannot create the profile directory {self.dir}: {e.strerror}") from None
-        self.llm = llm
+        self._llm = weakref.ref(llm)  # the LLM holds its Profile: no reference cycle, so dropping it frees it
         self.rec = Recorder(llm.device)
         llm.rec = llm.model.rec = self.rec
         if hasattr(llm.experts, "transfer"):
@@ -48,6 +49,10 @@ class Profile:
         self.transfer = getattr(llm.experts, "transfer", None)
         self.raw_steps: list[tuple] = []  # (kind, tokens, seconds, µs, counters): per-step records, raw
         self.first = self._counters()
+
+    @property
+    def llm(self):
+        return self._llm()
 
     COUNTERS = ("stall", "cpu", "hits", "misses", "h2d", "disk", "pos", "occupied", "kv_device", "kv_host", "kv_disk")
 
