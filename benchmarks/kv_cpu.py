@@ -75,7 +75,8 @@ def main() -> None:
               f"{accounted / predicted:.2f} | {rss / 2**20:.1f} |")
         llm.close()
     print("(KV accounted: device buffers + host buffers + disk blocks, by the cache's own counts; capacities are "
-          "allocated by doubling, so a buffer can hold up to 2x what it uses.)")
+          "allocated by doubling, so a buffer can hold up to 2x what it uses; with a disk tier the host buffers include "
+          "the staging buffer its blocks are read into, up to 64 MiB: here every disk block fits in it.)")
 
 
 if __name__ == "__main__":

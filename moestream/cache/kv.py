@@ -159,9 +159,16 @@ class KVCounters:
 
 
 class KVDisk:
-    """The disk tier: one file, truncated when opened, so a new process never reads stale blocks."""
+    """The disk tier: one file, truncated when opened, so a new process never reads stale blocks.
+
+    `stage` is one host buffer, shared by the global layers (they attend one after another), into
+    which a layer's disk blocks are read up to STAGE_BYTES at a time, so attention over them is one
+    call per pass rather than one per block."""
+
+    STAGE_BYTES = 64 * 2**20
 
     def __init__(self, path: Path):
+        self.stage: KVPair | None = None
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -355,15 +362,22 @@ class GlobalKV:
     def _disk_parts(self, q) -> list:
         if not self.disk_blocks:
             return []
-        B = self.layout.block
+        B, lay = self.layout.block, self.layout
         t0 = time.perf_counter()
-        block = KVPair(B, self.heads, self.head_dim, self.layout.k_type, self.layout.v_type, "cpu")
-        parts = []
-        qc = q.to("cpu")
-        for offset in self.disk_blocks:
-            tensors = block.parts(0, B)
-            self.counters.read_from_disk_bytes += self.disk.read_into(offset, tensors)
-            out, lse = attention_part(qc, *block.read(0, B, torch.float32))
+        disk = self.disk
+        if disk.stage is None:  # one block, to learn its size; then as many blocks as STAGE_BYTES hold
+            disk.stage = KVPair(B, self.heads, self.head_dim, lay.k_type, lay.v_type, "cpu")
+        block_bytes = disk.stage.nbytes * B // disk.stage.capacity
+        per_pass = max(1, disk.STAGE_BYTES // block_bytes)
+        want = min(len(self.disk_blocks), per_pass) * B
+        if disk.stage.capacity < want:
+            disk.stage = KVPair(want, self.heads, self.head_dim, lay.k_type, lay.v_type, "cpu")
+        stage, parts, qc = disk.stage, [], q.to("cpu")
+        for first in range(0, len(self.disk_blocks), per_pass):
+            group = self.disk_blocks[first:first + per_pass]
+            for i, offset in enumerate(group):
+                self.counters.read_from_disk_bytes += disk.read_into(offset, stage.parts(i * B, (i + 1) * B))
+            out, lse = attention_part(qc, *stage.read(0, len(group) * B, torch.float32))
             parts.append((out.to(q.device), lse.to(q.device)))
         self.counters.seconds["disk"] += time.perf_counter() - t0
         return parts
@@ -402,7 +416,9 @@ class KVCache:
 
     @property
     def host_bytes(self) -> int:
-        return sum(layer.host_bytes for layer in self.layers if isinstance(layer, GlobalKV))
+        """Host RAM: the global layers' host tiers, and the disk tier's staging buffer."""
+        stage = self.disk.stage.nbytes if self.disk is not None and self.disk.stage is not None else 0
+        return sum(layer.host_bytes for layer in self.layers if isinstance(layer, GlobalKV)) + stage
 
     def tokens_by_tier(self) -> dict[str, int]:
         """Tokens of one global layer in each tier (every global layer holds the same split)."""
