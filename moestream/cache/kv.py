@@ -268,14 +268,18 @@ class GlobalKV:
             self._spill()
 
     def _spill(self) -> None:
-        """Move the oldest hot block to host RAM (and the oldest host block to disk if host is full)."""
+        """Move the oldest hot block to host RAM (and the oldest host block to disk if host is full);
+        with no room for a single block in host RAM, the hot block goes straight to disk."""
         B, lay = self.layout.block, self.layout
         if lay.host_tokens is not None and self.n_host + B > lay.host_tokens:
             if self.disk is None:
                 raise MoestreamError("the KV cache is full: raise --kv-cpu-mem, add --kv-disk PATH, or use a smaller -c")
-            offset, nbytes = self.disk.write(self.host.parts(0, B))
-            self.disk_blocks.append(offset)
-            self.counters.spilled_to_disk_bytes += nbytes
+            straight = self.n_host == 0  # --kv-cpu-mem below one block
+            self._to_disk(self.hot.parts(0, B) if straight else self.host.parts(0, B))
+            if straight:
+                self.hot.drop_front(B, self.n_hot)
+                self.n_hot -= B
+                return
             self.host.drop_front(B, self.n_host)
             self.n_host -= B
         if self.host is None or self.n_host + B > self.host.capacity:
@@ -294,6 +298,11 @@ class GlobalKV:
         self.n_host += B
         self.hot.drop_front(B, self.n_hot)
         self.n_hot -= B
+
+    def _to_disk(self, parts: list[torch.Tensor]) -> None:
+        offset, nbytes = self.disk.write(parts)
+        self.disk_blocks.append(offset)
+        self.counters.spilled_to_disk_bytes += nbytes
 
     def _append(self, k, v) -> None:
         T, lay = k.shape[0], self.layout
