@@ -96,9 +96,12 @@ def test_embedded_model_offloaded_is_exact(embedded, tmp_path):
     ref, ref_steps = embedded.logits(ids), embedded.decode_logits(ids)
     eb = embedded.plan.expert_bytes
     for kw in (dict(expert_cache=32 * eb, cache_policy="predictive", prefetch=2, cpu_experts="never"),
-               dict(expert_cache=8 * eb, cpu_mem=40 * eb, cpu_experts="auto", cache_split="per-layer")):
+               dict(expert_cache=8 * eb, cpu_mem=40 * eb, cpu_experts="auto", cache_split="per-layer"),
+               # bf16 checkpoint, fp32 store, no repacked file: disk reads convert with torch ops
+               dict(expert_cache=16 * eb, cpu_mem=0, repack=False, prefetch=1, cpu_experts="never")):
         llm = moestream.load(expert_dir=tmp_path, **kw)
         try:
+            assert llm.experts.store.reads_with_torch == (kw.get("repack") is False)
             assert torch.equal(llm.logits(ids), ref)
             assert torch.equal(llm.decode_logits(ids), ref_steps)
         finally:

@@ -257,6 +257,13 @@ class Checkpoint:
         self.expert_bytes_read += gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
         return gate_up, down
 
+    def reads_raw(self, dtype: torch.dtype) -> bool:
+        """Whether read_expert_into(..., out of `dtype` on the CPU) is positioned reads alone, no torch op."""
+        if self.per_expert_keys:
+            return False
+        info = self.tensors.get(f"model.layers.{self._first_moe()}.feed_forward.experts.gate_up_proj")
+        return info is not None and SAFETENSORS_DTYPES[info.dtype] == dtype
+
     def read_expert_into(self, layer: int, e: int, out: torch.Tensor) -> None:
         """Fill a flat host buffer with one packed expert [gate_up | down] (the ExpertStore's layout).
 

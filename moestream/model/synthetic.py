@@ -45,6 +45,9 @@ class SyntheticCheckpoint:
         self.expert_reads = 0
         self.expert_bytes_read = 0
 
+    def reads_raw(self, dtype: torch.dtype) -> bool:
+        return False  # experts are drawn with torch ops
+
     def _random(self, name: str, shape) -> torch.Tensor:
         if name.endswith("norm.weight"):
             return torch.ones(shape, dtype=self.dtype)

@@ -198,6 +198,13 @@ class ExpertStore:
     def host_expert(self, key: tuple[int, int]) -> PackedExpert:
         return self.host_experts[self.host_index[key]]
 
+    @property
+    def reads_with_torch(self) -> bool:
+        """Disk reads that convert or gather with torch ops (straight from a checkpoint whose layout or
+        dtype differs from the store's): they must run on the compute thread, because torch ops on
+        another thread start a second OpenMP team whose spinning threads take the cores from compute."""
+        return bool(self.disk_keys) and self.file is None and not self.checkpoint.reads_raw(self.dtype)
+
     def read_into(self, key: tuple[int, int], out: torch.Tensor) -> int:
         """Bring a disk-tier expert into a flat host buffer (the repacked file, or the checkpoint)."""
         if self.file is not None:

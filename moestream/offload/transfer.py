@@ -116,6 +116,12 @@ class TransferEngine:
                 if self.rec.enabled:
                     self.rec.add(("expert copy", start, time.perf_counter(), (*key, "H2D stream", (("prefetch", prefetch),))))
                 return Ticket(prefetch=prefetch)
+            if self.store.reads_with_torch:  # see ExpertStore.reads_with_torch: on this thread, then
+                start = time.perf_counter()
+                self.store.read_into(key, dst)
+                if self.rec.enabled:
+                    self.rec.add(("expert read", start, time.perf_counter(), (*key, "disk", (("prefetch", prefetch),))))
+                return Ticket(prefetch=prefetch)
             job, span = (self.store.read_into, key, dst), None
             if self.rec.enabled:  # the worker only reads the clock; the span is recorded when waited on
                 job, span = (_timed, *job), (self.rec, "expert read", "disk",
