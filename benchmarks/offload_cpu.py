@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import moestream
-from moestream.cache.experts import belady, simulate
+from moestream.cache.experts import belady, lookahead_oracle, simulate
 from moestream.model.sampling import SamplingParams
 from moestream.scheduler.routing import load_trace
 
@@ -99,27 +99,6 @@ def main() -> None:
     for name, cells in rows.items():
         print(f"| {name} | {' | '.join(cells)} |")
 
-
-def lookahead_oracle(accesses, slots, groups, horizon):
-    """Hits of an eviction rule that sees the next `horizon` accesses exactly (MIN within them) and
-    ranks the rest by use so far (LFU): what an online policy could reach with a perfect predictor of
-    the next few tokens' routing."""
-    n = len(accesses)
-    next_use, seen = [n] * n, {}
-    for i in range(n - 1, -1, -1):
-        next_use[i] = seen.get(accesses[i], n + i)
-        seen[accesses[i]] = i
-    resident, count, hits = {}, {}, []
-    for i, key in enumerate(accesses):
-        cache = resident.setdefault(groups[key[0]] if groups else 0, {})
-        hits.append(key in cache)
-        if not hits[-1] and len(cache) >= slots:
-            def farthest(k):
-                return (0, cache[k]) if cache[k] - i <= horizon else (1, -count[k])
-            del cache[max(cache, key=farthest)]
-        cache[key] = next_use[i]
-        count[key] = count.get(key, 0) + 1
-    return hits
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ import torch
 
 import moestream
 from moestream import MoestreamError
-from moestream.cache.experts import belady, simulate
+from moestream.cache.experts import belady, lookahead_oracle, simulate
 from moestream.model.sampling import SamplingParams
 from moestream.scheduler.routing import load_trace
 
@@ -278,9 +278,12 @@ def test_every_policy_is_at_most_min_on_a_recorded_trace(tmp_path):
             bound = sum(belady(accesses, n, groups))
             for policy in ("lru", "lfu", "predictive"):
                 assert sum(simulate(accesses, n, policy, layers, groups)) <= bound
+            oracles = [sum(lookahead_oracle(accesses, n, groups, h * len(layers))) for h in (1, 4, 10**6)]
+            assert oracles[0] <= bound and oracles[1] <= bound and oracles[2] == bound  # all-seeing: MIN itself
     out = subprocess.run([sys.executable, "-m", "moestream", "bench", "replay", str(trace_path), "--slots", "32"],
                          capture_output=True, text=True, check=True).stdout
     assert "| Belady MIN | global | yes |" in out and "projected tok/s" in out
+    assert "| oracle: next 1 token | per-layer |" in out and "| oracle: next 4 tokens | global |" in out
 
 
 def test_record_routing_covers_every_token_and_layer(reference, tmp_path):

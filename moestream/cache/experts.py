@@ -210,6 +210,16 @@ class ExpertCache:
 
 
 # --- offline analysis of a recorded access sequence ---------------------------------------------
+def _next_uses(accesses: list[Key]) -> list[int]:
+    """For each access, the index of the next access to the same key (never again: farther than any)."""
+    n = len(accesses)
+    next_use, seen = [n] * n, {}
+    for i in range(n - 1, -1, -1):
+        next_use[i] = seen.get(accesses[i], n + i)
+        seen[accesses[i]] = i
+    return next_use
+
+
 def belady(accesses: list[Key], slots: int, groups: dict[int, int] | None = None) -> list[bool]:
     """Hit (True) or miss of every access under Belady's MIN: on a miss with a full cache, evict the
     resident used farthest ahead.
@@ -217,12 +227,7 @@ def belady(accesses: list[Key], slots: int, groups: dict[int, int] | None = None
     `groups` maps layer -> slot-group id for a per-layer split (each group has `slots` slots);
     None = one global pool. Optimal among all demand-fetch policies with the same capacity.
     """
-    n = len(accesses)
-    next_use = [n] * n
-    seen: dict[Key, int] = {}
-    for i in range(n - 1, -1, -1):
-        next_use[i] = seen.get(accesses[i], n + i)  # never again: farther than anything else
-        seen[accesses[i]] = i
+    next_use = _next_uses(accesses)
     resident: dict[int, dict[Key, int]] = defaultdict(dict)  # group -> key -> its next use
     hits = []
     for i, key in enumerate(accesses):
@@ -258,4 +263,24 @@ def simulate(accesses: list[Key], slots: int, policy: str, moe_layers: list[int]
                 pol.forget(victim)
             cache.add(key)
         pol.touch(key)
+    return hits
+
+
+def lookahead_oracle(accesses: list[Key], slots: int, groups: dict[int, int] | None, horizon: int) -> list[bool]:
+    """Hit or miss of every access under an eviction rule that sees the next `horizon` accesses exactly
+    (MIN within them) and ranks the rest by use so far (LFU): what an online policy could reach with a
+    perfect predictor of the next few tokens' routing. A demand-fetch policy, so MIN bounds it too."""
+    if slots == 0:
+        return [False] * len(accesses)
+    next_use = _next_uses(accesses)
+    resident, count, hits = {}, {}, []
+    for i, key in enumerate(accesses):
+        cache = resident.setdefault(groups[key[0]] if groups else 0, {})
+        hits.append(key in cache)
+        if not hits[-1] and len(cache) >= slots:
+            def farthest(k):
+                return (0, cache[k]) if cache[k] - i <= horizon else (1, -count[k])
+            del cache[max(cache, key=farthest)]
+        cache[key] = next_use[i]
+        count[key] = count.get(key, 0) + 1
     return hits

@@ -1,7 +1,8 @@
 """Replay a recorded routing trace through the cache policies with a cost model (`moestream bench replay`).
 
 Hit rates are those of demand-fetch caches with the same number of slots, so Belady's MIN bounds
-them all. The cost model then prices each decode step: a layer's own compute, each expert's
+them all; next to the online policies, oracles that see the next 1 and 4 tokens' routing exactly
+show how much any predictor of routing could add. The cost model then prices each decode step: a layer's own compute, each expert's
 compute, and for each miss either the copy (hidden behind the previous layer's compute when the
 prefetcher had guessed it, as recorded in the trace) or a run on the CPU when that is cheaper.
 """
@@ -10,8 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cache.experts import belady, simulate
+from ..cache.experts import belady, lookahead_oracle, simulate
 from .routing import Trace
+
+
+ORACLE_TOKENS = (1, 4)  # eviction oracles that see this many tokens of routing ahead (bounds for predictors)
 
 
 @dataclass
@@ -85,10 +89,14 @@ def replay(trace: Trace, slots: int, cost: CostSettings) -> list[ReplayRow]:
     rows = []
     for split, (n, groups) in splits.items():
         min_flags = belady(accesses, n, groups)
-        candidates = [("lru", False), ("lru", True), ("lfu", True), ("predictive", True), ("min", True)]
+        candidates = [("lru", False), ("lru", True), ("lfu", True), ("predictive", True),
+                      *((f"oracle {t}", True) for t in ORACLE_TOKENS), ("min", True)]
         for policy, with_prefetch in candidates:
             if policy == "min":
                 flags = min_flags
+            elif policy.startswith("oracle"):
+                tokens = int(policy.split()[1])
+                flags = lookahead_oracle(accesses, n, groups, tokens * len(layers))
             else:
                 flags = simulate(accesses, n, policy, layers, groups, guesses if with_prefetch else None)
             stall, misses = 0.0, 0
@@ -102,7 +110,9 @@ def replay(trace: Trace, slots: int, cost: CostSettings) -> list[ReplayRow]:
                 stall += wait
             decode_accesses = sum(decode)
             total = decode_layer_steps * layer_s + decode_accesses * expert_s + stall
-            name = "Belady MIN" if policy == "min" else policy
+            name = ("Belady MIN" if policy == "min" else
+                    f"oracle: next {policy.split()[1]} token{'s' * (policy != 'oracle 1')}" if policy.startswith("oracle")
+                    else policy)
             rows.append(ReplayRow(name, split, with_prefetch, sum(flags), len(accesses), sum(min_flags),
                                   decode_tokens, misses, stall, total, eb))
     return rows
