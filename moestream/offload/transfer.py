@@ -110,17 +110,17 @@ class TransferEngine:
             self.bytes_disk_to_host += nbytes
         priority = PREFETCH if prefetch else DEMAND
         if not self.cuda:
-            if not on_disk:  # a memcpy on this thread: a hop to the worker would cost more than the copy
+            # on this thread: a host-tier memcpy (a hop to the worker costs more than the copy), or a
+            # disk read that needs torch ops (see ExpertStore.reads_with_torch)
+            if not on_disk or self.store.reads_with_torch:
                 start = time.perf_counter()
-                dst.copy_(self.store.host[self.store.host_index[key]])
+                if on_disk:
+                    self.store.read_into(key, dst)
+                else:
+                    dst.copy_(self.store.host[self.store.host_index[key]])
                 if self.rec.enabled:
-                    self.rec.add(("expert copy", start, time.perf_counter(), (*key, "H2D stream", (("prefetch", prefetch),))))
-                return Ticket(prefetch=prefetch)
-            if self.store.reads_with_torch:  # see ExpertStore.reads_with_torch: on this thread, then
-                start = time.perf_counter()
-                self.store.read_into(key, dst)
-                if self.rec.enabled:
-                    self.rec.add(("expert read", start, time.perf_counter(), (*key, "disk", (("prefetch", prefetch),))))
+                    name, track = ("expert read", "disk") if on_disk else ("expert copy", "H2D stream")
+                    self.rec.add((name, start, time.perf_counter(), (*key, track, (("prefetch", prefetch),))))
                 return Ticket(prefetch=prefetch)
             job, span = (self.store.read_into, key, dst), None
             if self.rec.enabled:  # the worker only reads the clock; the span is recorded when waited on

@@ -89,16 +89,12 @@ def replay(trace: Trace, slots: int, cost: CostSettings) -> list[ReplayRow]:
     rows = []
     for split, (n, groups) in splits.items():
         min_flags = belady(accesses, n, groups)
-        candidates = [("lru", False), ("lru", True), ("lfu", True), ("predictive", True),
-                      *((f"oracle {t}", True) for t in ORACLE_TOKENS), ("min", True)]
-        for policy, with_prefetch in candidates:
-            if policy == "min":
-                flags = min_flags
-            elif policy.startswith("oracle"):
-                tokens = int(policy.split()[1])
-                flags = lookahead_oracle(accesses, n, groups, tokens * len(layers))
-            else:
-                flags = simulate(accesses, n, policy, layers, groups, guesses if with_prefetch else None)
+        runs = [(policy, pf, simulate(accesses, n, policy, layers, groups, guesses if pf else None))
+                for policy, pf in (("lru", False), ("lru", True), ("lfu", True), ("predictive", True))]
+        runs += [(f"oracle: next {t} token{'s' if t > 1 else ''}", True,
+                  lookahead_oracle(accesses, n, groups, t * len(layers))) for t in ORACLE_TOKENS]
+        runs.append(("Belady MIN", True, min_flags))
+        for name, with_prefetch, flags in runs:
             stall, misses = 0.0, 0
             for hit, is_decode, guessed in zip(flags, decode, predicted):
                 if hit or not is_decode:
@@ -110,9 +106,6 @@ def replay(trace: Trace, slots: int, cost: CostSettings) -> list[ReplayRow]:
                 stall += wait
             decode_accesses = sum(decode)
             total = decode_layer_steps * layer_s + decode_accesses * expert_s + stall
-            name = ("Belady MIN" if policy == "min" else
-                    f"oracle: next {policy.split()[1]} token{'s' * (policy != 'oracle 1')}" if policy.startswith("oracle")
-                    else policy)
             rows.append(ReplayRow(name, split, with_prefetch, sum(flags), len(accesses), sum(min_flags),
                                   decode_tokens, misses, stall, total, eb))
     return rows
