@@ -6,7 +6,7 @@ import torch
 import moestream
 from moestream.model.sampling import SamplingParams
 
-from .conftest import VARIANTS, VOCAB, oracle_logits
+from .conftest import VARIANTS, VOCAB, oracle_logits, text_oracle
 
 TOL = 1e-4
 
@@ -29,7 +29,7 @@ def test_logits_match_transformers(tiny, name):
 def test_greedy_generation_matches_transformers(tiny, name):
     path, oracle = tiny(name)
     prompt = torch.randint(3, VOCAB, (21,), generator=torch.Generator().manual_seed(2))
-    lm = oracle.language_model if name == "multimodal" else oracle
+    lm = text_oracle(oracle)
     with torch.no_grad():
         ref = lm.generate(prompt[None], max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
     ref = ref[0, prompt.numel():].tolist()
