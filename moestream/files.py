@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +45,14 @@ def describe_os_error(e: OSError) -> str:
     return hints.get(e.errno, e.strerror or str(e))
 
 
+def make_directory(directory: Path) -> None:
+    """mkdir -p; a file in the way is ENOTDIR (not mkdir's bare EEXIST), so describe_os_error names it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory)) from None
+
+
 def refuse_foreign(path: Path, ours: Callable[[Path], bool] | None, what: str, fix: str) -> None:
     """Raise if `path` exists and is not a file moestream wrote (as `ours` judges its content)."""
     if not (path.exists() or path.is_symlink()):
@@ -59,6 +68,56 @@ def _safely(test: Callable[[Path], bool], path: Path) -> bool:
         return bool(test(path))
     except (OSError, ValueError, UnicodeDecodeError):
         return False
+
+
+def cache_dir() -> Path:
+    """Where moestream keeps what it makes for itself: $XDG_CACHE_HOME/moestream, else ~/.cache/moestream."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "moestream"
+
+
+FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_limited(path: str | Path, limit: int, what: str, fix: str) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, for `what` (e.g. "/read"); anything else is
+    one line. A FIFO, a device or a directory is refused before a byte is read (checked before opening,
+    and again on the descriptor, opened non-blocking so a FIFO without a writer cannot hang us)."""
+    path = Path(path).expanduser()
+    size = f"{limit / 2**20:g} MiB"
+
+    def refuse_kind(mode: int) -> None:
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in FILE_KINDS if test(mode)), "not a regular file")
+            raise MoestreamError(f"{path} is {kind}; {what} reads regular files only: {fix}")
+
+    try:
+        refuse_kind(os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        why = "there is no such file" if e.errno == errno.ENOENT else describe_os_error(e)
+        raise MoestreamError(f"cannot read {path}: {why}") from None
+    try:
+        st = os.fstat(fd)
+        refuse_kind(st.st_mode)
+        if st.st_size > limit:
+            raise MoestreamError(f"{path} is {st.st_size / 2**20:.1f} MiB, over the {size} that {what} reads: {fix}")
+        chunks, left = [], limit + 1  # one byte more than allowed tells a file that grew since fstat
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as e:
+        raise MoestreamError(f"cannot read {path}: {describe_os_error(e)}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise MoestreamError(f"{path} is over the {size} that {what} reads: {fix}")
+    return data
 
 
 def fsync_directory(directory: Path) -> None:
@@ -142,3 +201,14 @@ class FileLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def lock_open_file(fd: int, path: Path, what: str, fix: str) -> None:
+    """FileLock's non-blocking exclusive flock, on a file already open for its data (the KV disk
+    file is its own lock, so the lock and the bytes can never be two different files)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise MoestreamError(f"{what} is in use by another moestream process: {fix}") from None
+        raise MoestreamError(f"cannot lock {path}: {describe_os_error(e)}") from None

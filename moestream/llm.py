@@ -21,7 +21,7 @@ import torch
 
 from .cache.kv import KVCache
 from .config import RuntimeConfig, resolve_device, resolve_dtype
-from .errors import MoestreamError
+from .errors import ContextFull, MoestreamError
 from .model.checkpoint import Checkpoint
 from .model.llama4 import Llama4
 from .model.sampling import SamplingParams, sample
@@ -51,10 +51,11 @@ class LLM:
             )
         self.plan: Plan = make_plan(self.config, runtime, self.device, self.dtype)
         self.ctx_size = self.plan.ctx_size
-        if self.plan.kv.disk is not None:  # find an unwritable --kv-disk now, not mid-conversation
+        self.kv_disk = None  # opened and locked for the life of the LLM: an unwritable, foreign or busy
+        if self.plan.kv.disk is not None:  # --kv-disk fails now, not mid-conversation
             from .cache.kv import KVDisk
 
-            KVDisk(self.plan.kv.disk).close()
+            self.kv_disk = KVDisk(self.plan.kv.disk)
         self.model = Llama4.from_checkpoint(self.checkpoint, None, self.device, self.dtype)
         self.experts = self._place_experts(progress)
         self.model.experts = self.experts
@@ -145,9 +146,9 @@ class LLM:
 
     def new_cache(self) -> KVCache:
         """A fresh KV cache laid out as planned; the one held for the conversation is dropped first
-        (it may own the KV disk file)."""
+        (it holds the KV disk file, which the new one starts empty)."""
         self.reset()
-        cache = KVCache(self.config, self.device, self.dtype, self.plan.kv)
+        cache = KVCache(self.config, self.device, self.dtype, self.plan.kv, self.kv_disk)
         cache.set_recorder(self.rec)
         return cache
 
@@ -208,10 +209,7 @@ class LLM:
         if stop_ids is None:
             stop_ids = set() if params.ignore_eos else self.stop_ids
         if len(prompt_ids) >= self.ctx_size:
-            raise MoestreamError(
-                f"the prompt is {len(prompt_ids)} tokens and the context holds {self.ctx_size}: "
-                "start a new conversation (/clear) or raise -c"
-            )
+            raise ContextFull(len(prompt_ids), self.ctx_size)
         prompt_ids = self._ids(prompt_ids).tolist()
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         n = len(self._cache_ids)
@@ -352,6 +350,9 @@ class LLM:
         if self.routing_trace is not None:
             self.routing_trace.close()
             self.routing_trace = None
+        if self.kv_disk is not None:  # it held a conversation: removed, not left behind
+            self.kv_disk.close()
+            self.kv_disk = None
 
 
 def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto", ctx_size: int | str = 0,

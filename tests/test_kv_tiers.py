@@ -111,7 +111,8 @@ def test_8bit_kv_is_spilled_in_8_bit(tiny, tmp_path):
 
 
 DISK_RUN = r"""
-import sys, torch, moestream
+import os, sys, torch, moestream
+from moestream.model.sampling import SamplingParams
 from tests.test_kv_tiers import spill_budgets
 path, disk, out = sys.argv[1:4]
 kw = spill_budgets(path, hot=16, host_blocks=2, block=4, ubatch=6, disk=disk)
@@ -119,24 +120,35 @@ llm = moestream.load(path, **kw)
 ids = torch.randint(3, 300, (80,), generator=torch.Generator().manual_seed(int(sys.argv[4])))
 open(out, "w").write(repr(llm.logits(ids).sum().item()))
 assert llm.stats().kv_spilled_to_disk_bytes > 0
+if sys.argv[5] == "die":  # mid-conversation (its blocks on disk), no close, no finalizers: as after a kill
+    llm.generate_ids(ids.tolist(), SamplingParams(temperature=0, max_tokens=2))
+    os._exit(0)
 """
 
 
 def test_disk_tier_survives_reopen_in_a_new_process(tiny, tmp_path):
+    """A clean exit removes the KV file; one that dies leaves it with our header, and the next process
+    reuses it (from empty); a file that is not ours at the path is refused and left byte-identical."""
+    from moestream.cache.kv import KVDisk
+
     path, _ = tiny("scout")
     disk = tmp_path / "kv.bin"
-    for seed in (1, 2):  # the second process reopens the same path (holding the first one's blocks)
+    for seed, how in ((1, "exit"), (2, "die"), (3, "exit")):  # 3 reopens the file 2 died holding
         out = tmp_path / f"out{seed}"
-        subprocess.run([sys.executable, "-c", DISK_RUN, str(path), str(disk), str(out), str(seed)], check=True,
+        subprocess.run([sys.executable, "-c", DISK_RUN, str(path), str(disk), str(out), str(seed), how], check=True,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
         ids = torch.randint(3, 300, (80,), generator=torch.Generator().manual_seed(seed))
         expected = moestream.load(path).logits(ids).sum().item()
         assert abs(float(out.read_text()) - expected) < 1e-2
-    disk.write_bytes(os.urandom(1 << 16))  # garbage at the path: never read back
-    llm = moestream.load(path, **spill_budgets(path, hot=16, host_blocks=2, block=4, ubatch=6, disk=disk))
-    ids = torch.randint(3, 300, (80,), generator=torch.Generator().manual_seed(3))
-    assert (llm.logits(ids) - moestream.load(path).logits(ids)).abs().max().item() < TOL
-    llm.close()
+        assert disk.exists() == (how == "die")
+        if how == "die":
+            assert disk.read_bytes().startswith(KVDisk.MAGIC) and disk.stat().st_size > len(KVDisk.HEADER)
+    garbage = os.urandom(1 << 16)
+    disk.write_bytes(garbage)  # not ours: refused at load, never read, never truncated
+    with pytest.raises(MoestreamError, match="is not a moestream KV file") as info:
+        moestream.load(path, **spill_budgets(path, hot=16, host_blocks=2, block=4, ubatch=6, disk=disk))
+    assert "\n" not in str(info.value) and "--kv-disk" in str(info.value)
+    assert disk.read_bytes() == garbage
 
 
 def test_full_disk_is_one_line_and_loses_nothing(tiny, tmp_path, monkeypatch):
@@ -164,7 +176,8 @@ def test_unwritable_kv_disk_is_refused_at_load(tiny, tmp_path):
     with pytest.raises(MoestreamError, match="cannot open the KV disk file") as info:
         moestream.load(tiny("scout")[0], **spill_budgets(tiny("scout")[0], hot=16, host_blocks=2, block=4, ubatch=6,
                                                          disk=blocker / "kv.bin"))
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "a part of the path is a file" in str(info.value)
+    assert blocker.read_text() == "x" and "free space" not in str(info.value)
 
 
 def test_context_beyond_the_budgets_is_refused_with_the_largest_that_fits(tiny):

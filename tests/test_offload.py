@@ -165,23 +165,30 @@ def test_bad_settings_are_one_line(reference, kwargs, match):
 
 # --- disk tier -----------------------------------------------------------------------------------
 def test_repacked_file_is_reused_then_rebuilt_when_stale(reference, tmp_path):
+    from moestream.offload.store import RepackedFile
+
     path, logits, *_ = reference("scout")
-    llm = moestream.load(path, expert_cache=1, cpu_mem=0, expert_dir=tmp_path, cpu_experts="always")
+    kw = dict(expert_cache=1, cpu_mem=0, expert_dir=tmp_path, cpu_experts="always")
+    llm = moestream.load(path, **kw)
     files = list(tmp_path.glob("*.experts"))
-    assert len(files) == 1 and files[0].with_suffix(".json").exists()
+    assert len(files) == 1 and not list(tmp_path.glob("*.json"))  # the metadata is in the file: no sidecar
     llm.close()
     stamp = files[0].stat().st_mtime_ns
     # a new process-equivalent load reuses it
-    llm = moestream.load(path, expert_cache=1, cpu_mem=0, expert_dir=tmp_path, cpu_experts="always")
+    llm = moestream.load(path, **kw)
     assert files[0].stat().st_mtime_ns == stamp
     llm.close()
-    # corrupt the sidecar: the file is not trusted, it is rebuilt
-    meta = json.loads(files[0].with_suffix(".json").read_text())
-    meta["fingerprint"] = "stale"
-    files[0].with_suffix(".json").write_text(json.dumps(meta))
-    llm = moestream.load(path, expert_cache=1, cpu_mem=0, expert_dir=tmp_path, cpu_experts="always")
+    # a stale header (another fingerprint, same size): the file is not trusted, it is rebuilt
+    with open(files[0], "rb") as f:
+        fingerprint = RepackedFile.read_header(f.fileno())["fingerprint"].encode()
+    data = files[0].read_bytes()
+    assert data.count(fingerprint) == 1
+    files[0].write_bytes(data.replace(fingerprint, b"stale".ljust(len(fingerprint), b"-")))
+    llm = moestream.load(path, **kw)
     assert torch.equal(llm.logits(PROMPT), logits)
-    assert json.loads(files[0].with_suffix(".json").read_text())["fingerprint"] != "stale"
+    with open(files[0], "rb") as f:
+        assert RepackedFile.read_header(f.fileno())["fingerprint"].encode() == fingerprint
+    assert files[0].read_bytes() == data and list(tmp_path.glob("*.experts")) == files
     llm.close()
 
 
@@ -191,6 +198,8 @@ def test_unwritable_expert_dir_is_one_line(reference, tmp_path):
     with pytest.raises(MoestreamError, match="cannot write the expert file") as info:
         moestream.load(reference("scout")[0], expert_cache=1, cpu_mem=0, expert_dir=blocked / "sub")
     assert "\n" not in str(info.value) and "--expert-dir" in str(info.value)
+    assert "a part of the path is a file" in str(info.value) and "free space" not in str(info.value)
+    assert blocked.read_text() == "x"
 
 
 RSS_PROBE = r"""

@@ -18,14 +18,18 @@ keys and returns the attention output; the model never sees tiers.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import MoestreamError
+from ..files import describe_os_error, lock_open_file, make_directory
 from ..model.attention import attend, attention_part, merge_parts
 from ..profiling.recorder import NULL
 
@@ -159,23 +163,77 @@ class KVCounters:
 
 
 class KVDisk:
-    """The disk tier: one file, truncated when opened, so a new process never reads stale blocks.
+    """The disk tier: one file of moestream's own, held by one process, emptied for every conversation.
+
+    Nothing lost: the file is created exclusively (with HEADER at offset 0), or reused only when it
+    starts with MAGIC (a run that died holding it); any other file at the path is refused and left
+    byte-identical. Nothing leaked: an exclusive lock keeps a second process out, every conversation
+    starts from an empty file (reset), and the file, 0600, is removed when the owner closes it or
+    the interpreter exits (weakref.finalize).
 
     `stage` is one host buffer, shared by the global layers (they attend one after another), into
     which a layer's disk blocks are read up to STAGE_BYTES at a time, so attention over them is one
     call per pass rather than one per block."""
 
     STAGE_BYTES = 64 * 2**20
+    MAGIC = b"moestream-kv/1\n"
+    HEADER = MAGIC.ljust(4096, b"\0")  # blocks start on a page boundary
 
     def __init__(self, path: Path):
         self.stage: KVPair | None = None
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
+        fd, created = None, False
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            make_directory(self.path.parent)
+            fd, created = self._open()
+            lock_open_file(fd, self.path, f"the KV disk file {self.path}", "point --kv-disk at another file")
+            if created:
+                if os.pwrite(fd, self.HEADER, 0) != len(self.HEADER):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            elif os.pread(fd, len(self.MAGIC), 0) != self.MAGIC:
+                raise MoestreamError(
+                    f"{self.path} exists and is not a moestream KV file; moestream never overwrites a file it did not "
+                    "write: point --kv-disk at a new file name"
+                )
+            os.fchmod(fd, 0o600)
+            os.ftruncate(fd, len(self.HEADER))
+        except BaseException as e:
+            if fd is not None:
+                if created:  # ours and empty: nothing to keep
+                    _remove_kv_file(self.path, fd, _identity(fd))
+                else:
+                    os.close(fd)
+            if isinstance(e, OSError):
+                raise MoestreamError(
+                    f"cannot open the KV disk file {self.path}: {describe_os_error(e)}; point --kv-disk elsewhere"
+                ) from None
+            raise
+        self.fd, self.end = fd, len(self.HEADER)
+        self._remove = weakref.finalize(self, _remove_kv_file, self.path, fd, _identity(fd))
+
+    def _open(self) -> tuple[int, bool]:
+        """(fd, created): a new file made exclusively, or the regular file already there (its header
+        is checked by the caller once it holds the lock: the holder may be writing it)."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), True
+        except FileExistsError:
+            pass
+        if not stat.S_ISREG(os.lstat(self.path).st_mode):
+            raise MoestreamError(f"{self.path} exists and is not a regular file: point --kv-disk at a new file name")
+        return os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC), False
+
+    def reset(self) -> None:
+        """Forget every block: a new conversation never reads an earlier one's keys."""
+        try:
+            os.ftruncate(self.fd, len(self.HEADER))
         except OSError as e:
-            raise MoestreamError(f"cannot open the KV disk file {self.path}: {e.strerror}; point --kv-disk elsewhere") from None
-        self.end = 0
+            raise MoestreamError(f"cannot empty the KV disk file {self.path}: {describe_os_error(e)}; "
+                                 "point --kv-disk elsewhere") from None
+        self.end = len(self.HEADER)
+
+    def close(self) -> None:
+        """Remove the file (it holds a conversation) and let go of it."""
+        self._remove()
 
     def write(self, parts: list[torch.Tensor]) -> tuple[int, int]:
         """Append one block's tensors; returns (offset, bytes)."""
@@ -202,8 +260,21 @@ class KVDisk:
             pos += view.nbytes
         return pos - offset
 
-    def close(self) -> None:
-        os.close(self.fd)
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _remove_kv_file(path: Path, fd: int, identity: tuple[int, int]) -> None:
+    """Unlink `path` if it still names our file (still locked, so no other process adopts it), then close."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) == identity:
+            os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
 
 
 class ChunkKV:
@@ -402,13 +473,21 @@ class GlobalKV:
 
 
 class KVCache:
-    """One cache per layer plus the number of tokens already processed."""
+    """One cache per layer plus the number of tokens already processed.
 
-    def __init__(self, config, device, dtype, layout: KVLayout | None = None):
+    disk: the KV disk file the LLM opened and locked at load (held for its life); the cache starts it
+    empty. Without one, a layout that names a disk file and spills opens (and owns) its own."""
+
+    def __init__(self, config, device, dtype, layout: KVLayout | None = None, disk: KVDisk | None = None):
         default = "f32" if dtype == torch.float32 else "bf16" if dtype == torch.bfloat16 else "f16"
         self.layout = layout or KVLayout(default, default)
         self.counters = KVCounters()
-        self.disk = KVDisk(self.layout.disk) if self.layout.disk is not None and self.layout.hot_tokens else None
+        self.owns_disk = disk is None and self.layout.disk is not None and bool(self.layout.hot_tokens)
+        if self.owns_disk:
+            disk = KVDisk(self.layout.disk)
+        elif disk is not None:
+            disk.reset()  # a new conversation: no block of an earlier one is ever read
+        self.disk = disk
         self.layers = [
             ChunkKV(config.attention_chunk_size, config.num_key_value_heads, config.head_dim, device, dtype, self.layout)
             if config.uses_rope(i)
@@ -441,6 +520,13 @@ class KVCache:
             layer.rec = rec
 
     def close(self) -> None:
+        """Drop the conversation's disk blocks: an owned file is removed, a lent one emptied."""
         if self.disk is not None:
-            self.disk.close()
+            if self.owns_disk:
+                self.disk.close()
+            else:
+                self.disk.reset()
             self.disk = None
+            for layer in self.layers:
+                if isinstance(layer, GlobalKV):
+                    layer.disk = None

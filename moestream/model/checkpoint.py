@@ -13,6 +13,7 @@ materialises a whole layer's experts.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import MoestreamError
-from .config import ModelConfig
+from .config import ModelConfig, misused_model_path
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32,
@@ -45,7 +46,8 @@ class TensorInfo:
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """Parse a safetensors header and check that the file holds every byte it promises.
 
-    Returns (tensor entries, absolute offset where the data section starts)."""
+    Returns (tensor entries, absolute offset where the data section starts). After this, a
+    TensorInfo's offset and shape can be trusted: a positioned read there reads that tensor and no other."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -63,13 +65,69 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         raise MoestreamError(f"{path.name} has a corrupt safetensors header: re-download it") from None
     except OSError as e:
         raise MoestreamError(f"cannot read {path}: {e.strerror}") from None
-    header.pop("__metadata__", None)
-    need = 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0)
-    if size < need:
+    if not isinstance(header, dict):
         raise MoestreamError(
-            f"{path.name} is truncated: {size} bytes on disk, its header needs {need}; re-download it"
+            f"{path.name} has a corrupt safetensors header (a JSON {type(header).__name__}, not an object): re-download it"
         )
+    header.pop("__metadata__", None)
+    check_entries(path, header, size - 8 - n)
     return header, 8 + n
+
+
+# Bits per element of every safetensors dtype: a tensor's byte span must be exactly shape x this.
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+              "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+              "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+
+
+def _integers(xs) -> bool:
+    return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in xs)
+
+
+def check_entries(path: Path, header: dict, data_bytes: int) -> None:
+    """Every entry a well-formed tensor whose bytes lie in the file, and the spans tiling the data
+    section with no gap or overlap (what safetensors itself requires, so safe_open never fails later)."""
+
+    def corrupt(key: str, what: str) -> MoestreamError:
+        return MoestreamError(f"{path.name} is corrupt: tensor {key} {what}; re-download it")
+
+    spans = []
+    for key, meta in header.items():
+        if not isinstance(meta, dict):
+            raise corrupt(key, f"has a header entry that is a JSON {type(meta).__name__}, not an object")
+        for field in ("dtype", "shape", "data_offsets"):
+            if field not in meta:
+                raise corrupt(key, f"lacks {field} in the header")
+        dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+        if not _integers(offsets) or len(offsets) != 2:
+            raise corrupt(key, f"has data_offsets {offsets!r}, not two integers")
+        begin, end = offsets
+        if begin < 0 or end < 0:
+            raise corrupt(key, f"has negative data_offsets {offsets}")
+        if end < begin:
+            raise corrupt(key, f"has data_offsets {offsets} that end before they begin")
+        if not _integers(shape) or any(d < 0 for d in shape):
+            raise corrupt(key, f"has shape {shape!r}, not a list of sizes")
+        if dtype not in DTYPE_BITS:
+            raise corrupt(key, f"has dtype {dtype!r}, which is not a safetensors dtype")
+        bits = math.prod(shape) * DTYPE_BITS[dtype]
+        if bits != 8 * (end - begin):
+            raise corrupt(key, f"spans {end - begin} bytes but its shape {shape} of {dtype} holds {bits / 8:g}")
+        if end > data_bytes:
+            raise MoestreamError(
+                f"{path.name} is truncated: tensor {key} ends at byte {end} of the data, the file holds {data_bytes}; "
+                "re-download it"
+            )
+        spans.append((begin, end, key))
+    at, previous = 0, None
+    for begin, end, key in sorted(spans):
+        if begin < at:
+            raise corrupt(key, f"overlaps tensor {previous} (data_offsets {[begin, end]})")
+        if begin > at:
+            raise corrupt(key, f"starts at byte {begin} of the data, leaving a gap after {previous or 'the header'}")
+        at, previous = end, key
+    if at != data_bytes:
+        raise MoestreamError(f"{path.name} is corrupt: {data_bytes - at} bytes follow its last tensor; re-download it")
 
 
 def pack_into(out: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
@@ -98,7 +156,7 @@ class Checkpoint:
     def __init__(self, path: str | Path, config: ModelConfig | None = None):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise MoestreamError(f"model directory {self.path} does not exist")
+            raise MoestreamError(misused_model_path(self.path) or f"model directory {self.path} does not exist")
         self.config = config or ModelConfig.from_file(self.path / "config.json")
         self.notes: list[str] = []  # one-line remarks for the user (e.g. ignored vision weights)
         self.tensors: dict[str, TensorInfo] = {}
@@ -261,18 +319,20 @@ class Checkpoint:
         """Whether read_expert_into(..., out of `dtype` on the CPU) is positioned reads alone, no torch op."""
         if self.per_expert_keys:
             return False
-        info = self.tensors.get(f"model.layers.{self._first_moe()}.feed_forward.experts.gate_up_proj")
-        return info is not None and SAFETENSORS_DTYPES[info.dtype] == dtype
+        f = f"model.layers.{self._first_moe()}.feed_forward.experts."
+        parts = [self.tensors.get(f + "gate_up_proj"), self.tensors.get(f + "down_proj")]
+        return all(p is not None and SAFETENSORS_DTYPES[p.dtype] == dtype for p in parts)
 
     def read_expert_into(self, layer: int, e: int, out: torch.Tensor) -> None:
         """Fill a flat host buffer with one packed expert [gate_up | down] (the ExpertStore's layout).
 
         With the fused layout and matching dtype this is two positioned reads straight into `out`:
-        no memory map, no temporary, so filling the host tier never holds a second copy.
+        no memory map, no temporary, so filling the host tier never holds a second copy. The offsets
+        are trusted because read_safetensors_header checked every span against its shape and the file.
         """
         f = f"model.layers.{layer}.feed_forward.experts."
         parts = [self.tensors.get(f + "gate_up_proj"), self.tensors.get(f + "down_proj")]
-        if self.per_expert_keys or out.device.type != "cpu" or out.dtype != SAFETENSORS_DTYPES[parts[0].dtype]:
+        if self.per_expert_keys or out.device.type != "cpu" or any(SAFETENSORS_DTYPES[p.dtype] != out.dtype for p in parts):
             pack_into(out, *self.read_expert(layer, e))
             return
         dest = out.view(torch.uint8).numpy()

@@ -109,7 +109,7 @@ class OffloadedExperts:
                 # --cpu-experts never: wait until earlier experts of this step are done with their slots
                 self.decided[e] = DEFERRED if self.cpu_experts == "never" else self._on_cpu(key)
                 continue
-            self.inflight[key] = self.transfer.fetch(key, slot)
+            self._fetch(key, slot)
             c.fetches += 1
             self.cache.policy.touch(key)
             self.decided[e] = slot
@@ -126,12 +126,12 @@ class OffloadedExperts:
             return decision
         if decision is DEFERRED:  # the experts already computed this step may give up their slots now
             decision = self._claim(key, self.pending | {key})
-            self.inflight[key] = self.transfer.fetch(key, decision)
+            self._fetch(key, decision)
             self.counters.fetches += 1
             self.cache.policy.touch(key)
         ticket = self.inflight.pop(key, None)
         if ticket is not None:
-            self.counters.stall_seconds += ticket.wait()
+            self.counters.stall_seconds += self._wait(key, ticket)
         return self.cache.experts[decision]
 
     # --- helpers -----------------------------------------------------------------------------------
@@ -140,11 +140,33 @@ class OffloadedExperts:
         if victim is not None:
             old = self.inflight.pop(victim, None)
             if old is not None:  # its copy must land before the slot is overwritten
-                old.wait()
+                self._wait(key, old)  # (a failed one leaves the slot, now key's, empty)
             if victim in self.unused_prefetch:
                 self.unused_prefetch.discard(victim)
                 self.counters.prefetch_wasted += 1
         return slot
+
+    def _fetch(self, key, slot: int, prefetch: bool = False) -> None:
+        try:
+            self.inflight[key] = self.transfer.fetch(key, slot, prefetch)
+        except Exception:  # a read that failed on this thread (the copy is over): key's slot holds nothing
+            self._drop(key)
+            raise
+
+    def _wait(self, key, ticket: Ticket) -> float:
+        """Wait for a copy into key's slot. One that failed (a corrupt expert file) leaves the slot
+        empty, so the cache never hands out a half-read expert, even if the caller carries on."""
+        try:
+            return ticket.wait()
+        except Exception:
+            self._drop(key)
+            raise
+
+    def _drop(self, key) -> None:
+        slot = self.cache.slot_of.pop(key, None)
+        if slot is not None:
+            self.cache.key_of[slot] = None
+        self.cache.policy.forget(key)
 
     def _on_cpu(self, key) -> CPUExpert:
         self.counters.cpu_experts += 1
@@ -168,13 +190,16 @@ class OffloadedExperts:
                 slot = self._claim(key, protect)
                 if slot is None:
                     return
-                self.inflight[key] = self.transfer.fetch(key, slot, prefetch=True)
+                self._fetch(key, slot, prefetch=True)
                 self.unused_prefetch.add(key)
                 self.counters.prefetch_issued += 1
                 self.cache.policy.touch(key)
 
     def close(self) -> None:
-        for ticket in self.inflight.values():
-            ticket.wait()
+        for key, ticket in self.inflight.items():
+            try:
+                ticket.wait()
+            except Exception:  # a failed copy is never used; closing still finishes
+                self._drop(key)
         self.inflight.clear()
         self.transfer.close()
