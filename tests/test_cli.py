@@ -71,7 +71,9 @@ def test_chat_two_turns_then_bye():
 def test_ctrl_c_stops_a_reply_then_a_second_ctrl_c_exits_130():
     child = spawn_chat("-n", "3000", "--ignore-eos", "--temp", "1")
     child.sendline("Tell me a very long tale.")
-    time.sleep(3)  # the reply is streaming now
+    child.expect_exact("Tell me a very long tale.")  # the echo of what was typed
+    child.expect(r"[A-Za-z]{2,}")  # the reply is streaming now (however long loading took)
+    time.sleep(0.5)
     child.sendintr()
     child.expect("interrupted: the partial reply is kept")
     child.expect_exact("> ")

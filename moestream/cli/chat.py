@@ -1,9 +1,10 @@
 """`moestream chat`: an interactive conversation in the terminal, as llama-cli / ollama users expect.
 
-Ctrl+C once stops the reply (the partial reply stays in the history); twice in a row exits with
-status 130; Ctrl+D, /exit or /bye exits. Nothing a user types can lose the conversation: a failed
-reply, a bad command or an unreadable file each give one line and the history stays as it was.
-The UI reads only `llm.stats()` and `llm.plan`, never the caches themselves.
+Ctrl+C once stops the reply (the partial reply stays in the history; one stopped before its first
+token leaves nothing) or a slow command; twice in a row exits with status 130; Ctrl+D, /exit or /bye
+exits. Nothing can lose the conversation: a failed reply, a bad command or setting, an unreadable or
+hostile file, even a bug each give one line and the history stays as it was (a bug's traceback goes
+to a file in the cache directory). The UI reads only `llm.stats()` and `llm.plan`, never the caches.
 """
 
 from __future__ import annotations
@@ -14,14 +15,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import click
-import psutil
-import torch
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-from rich.table import Table
 
-from ..errors import MoestreamError
-from ..model.sampling import SamplingParams
+from ..errors import ContextFull, MoestreamError
 from ..scheduler.plan import fmt_bytes
 from .main import cli, runtime_options, sampling_options
 
@@ -37,12 +32,28 @@ HELP = """commands:
   /show                     model, placement and budgets
   /exit, /bye               quit (Ctrl+D too; Ctrl+C twice exits with status 130)
   \"\"\"                       open and close a multi-line message"""
-SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "max_tokens": int, "seed": int,
-            "repeat_penalty": float, "system": str}
+# /set KEY -> the SamplingParams field it changes (system is the conversation's, not sampling's)
+SETTABLE = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_tokens": "max_tokens",
+            "seed": "seed", "repeat_penalty": "repetition_penalty", "system": None}
+SESSION_LIMIT = 16 * 2**20  # bytes of a /load file: far more than any context holds, far less than RAM
+SESSION_DEPTH = 64  # JSON nesting a /load file may have (a session needs 3); a parser recurses per level
+READ_LIMIT = 2**20  # bytes of a /read file
+NOT_UTF8 = ("error: that input is not valid UTF-8: type it again (a UTF-8 terminal locale, e.g. LANG=C.UTF-8, "
+            "avoids this)")
 
 
-class ChatError(Exception):
+class ChatError(MoestreamError):
     """A command that could not be carried out; its message is shown as one line."""
+
+
+def is_utf8(text: str) -> bool:
+    """False for text holding surrogate escapes: what stdin delivers for non-UTF-8 bytes under the C
+    locale (and what JSON's \\ud800 escapes make); the tokenizer and the terminal cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_message(prompt: str = "> ") -> str:
@@ -85,10 +96,24 @@ class ChatSession:
             self.llm.complete(self.messages(), self.params, stream=show)
         except KeyboardInterrupt:
             interrupted = True
+            if not pieces:  # nothing to keep: no empty assistant turn, and the unanswered message goes too
+                self.history.pop()
+                self.console.print("\n[interrupted before the first token: nothing was added to the conversation]",
+                                   style="dim", markup=False)
+                return True
             self.console.print("\n[interrupted: the partial reply is kept]", style="dim", markup=False)
         except MoestreamError as e:
             self.history.pop()
+            if pieces:
+                sys.stdout.write("\n")
+            if isinstance(e, ContextFull):
+                e = f"the prompt is {e.tokens} tokens and the context holds {e.limit}: start a new conversation (/clear) or raise -c"
             raise ChatError(f"{e} (the conversation is kept)") from None
+        except Exception:  # a bug or a torch error: the turn is dropped, the loop reports it in one line
+            self.history.pop()
+            if pieces:
+                sys.stdout.write("\n")
+            raise
         self.history.append({"role": "assistant", "content": "".join(pieces)})
         self.console.print()
         self.console.print(status_line(self.llm.stats()), style="dim", markup=False, soft_wrap=True)
@@ -97,68 +122,87 @@ class ChatSession:
         return interrupted
 
     def regen(self) -> bool:
-        if not self.history or self.history[-1]["role"] != "assistant":
+        """Answer the last user message again; a new reply that fails or stops before its first token
+        leaves the old one in place."""
+        if len(self.history) < 2 or [m["role"] for m in self.history[-2:]] != ["user", "assistant"]:
             raise ChatError("nothing to regenerate yet")
-        self.history.pop()
-        return self.reply(self.history.pop()["content"])
+        old = self.history[-2:]
+        del self.history[-2:]
+        before = len(self.history)
+        try:
+            interrupted = self.reply(old[0]["content"])
+        except BaseException:
+            self.history.extend(old)
+            raise
+        if len(self.history) == before:
+            self.history.extend(old)
+        return interrupted
 
     # --- commands --------------------------------------------------------------------------------
     def set(self, args: str) -> str:
+        """/set KEY VALUE: the value is checked by SamplingParams, as a flag's is."""
+        from dataclasses import replace
+
+        from ..model.sampling import SamplingParams
+
         key, _, value = args.strip().partition(" ")
-        key = {"temp": "temperature", "repetition_penalty": "repeat_penalty"}.get(key, key)
-        if key not in SETTABLE or not value.strip():
+        key, value = {"temp": "temperature", "repetition_penalty": "repeat_penalty"}.get(key, key), value.strip()
+        if key not in SETTABLE or not value:
             raise ChatError(f"usage: /set {{{'|'.join(SETTABLE)}}} VALUE")
         if key == "system":
-            self.system = value.strip()
+            self.system = value
             return f"system prompt set ({len(self.system)} characters)"
-        try:
-            v = SETTABLE[key](value.strip())
-        except ValueError:
-            raise ChatError(f"{key} needs a {SETTABLE[key].__name__}, not {value.strip()!r}") from None
-        limits = {"temperature": v < 0, "top_p": not 0 <= v <= 1, "top_k": v < 0, "max_tokens": v < 1,
-                  "repeat_penalty": v <= 0, "seed": False}
-        if limits[key]:
-            raise ChatError(f"{key} {v} is out of range")
-        setattr(self.params, "repetition_penalty" if key == "repeat_penalty" else key, v)
-        return f"{key} = {v}"
+        name = SETTABLE[key]
+        self.params = replace(self.params, **{name: SamplingParams.parse(name, value)})
+        return f"{key} = {getattr(self.params, name)}"
 
     def save(self, path: str) -> str:
-        data = {"format": SESSION_FORMAT, "model": str(self.llm.runtime.model), "system": self.system,
+        """Written whole or not at all (the previous file survives a full disk), and only over a saved chat."""
+        from ..files import atomic_write
+
+        if not path:
+            raise ChatError("usage: /save FILE")
+        model = str(self.llm.runtime.model).encode("utf-8", "replace").decode("utf-8")  # a non-UTF-8 path
+        data = {"format": SESSION_FORMAT, "model": model, "system": self.system,
                 "messages": self.history, "settings": asdict(self.params)}
-        try:
-            Path(path).expanduser().write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise ChatError(f"cannot write {path}: {e.strerror}") from None
+        atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", ours=is_session_file,
+                     what="a saved moestream chat", fix="choose another file name")
         return f"saved {len(self.history)} messages to {path}"
 
     def load(self, path: str) -> str:
+        """Everything is checked before anything changes: a bad file leaves the conversation as it was."""
+        from dataclasses import replace
+
+        if not path:
+            raise ChatError("usage: /load FILE")
+        messages, system, settings = read_session(path)
         try:
-            data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ChatError(f"cannot read {path}: {e.strerror}") from None
-        except (ValueError, UnicodeDecodeError):
-            raise ChatError(f"{path} is not a saved chat (not valid JSON); the conversation is unchanged") from None
-        ok = (isinstance(data, dict) and data.get("format") == SESSION_FORMAT and isinstance(data.get("messages"), list)
-              and all(isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")
-                      and isinstance(m.get("content"), str) for m in data["messages"]))
-        if not ok:
-            raise ChatError(f"{path} is not a saved moestream chat; the conversation is unchanged")
-        settings = data.get("settings") or {}
-        known = {f.name for f in fields(SamplingParams)}
-        self.params = SamplingParams(**{k: v for k, v in settings.items() if k in known})
-        self.system, self.history = data.get("system"), list(data["messages"])
+            params = replace(self.params, **settings)
+        except MoestreamError as e:
+            raise ChatError(f"{path} has a bad setting: {e}; the conversation is unchanged") from None
+        self.params, self.system, self.history = params, system, messages
         self.llm.reset()
         return f"loaded {len(self.history)} messages from {path}"
 
     def read_file(self, path: str) -> str:
+        """/read FILE: a regular UTF-8 text file of at most 1 MiB (never a FIFO or a device that could hang
+        or never end)."""
+        from ..files import read_limited
+
+        if not path:
+            raise ChatError("usage: /read FILE")
+        data = read_limited(path, READ_LIMIT, "/read", "send a shorter text file")
         try:
-            return Path(path).expanduser().read_text(encoding="utf-8")
-        except OSError as e:
-            raise ChatError(f"cannot read {path}: {e.strerror}") from None
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
-            raise ChatError(f"{path} is not UTF-8 text") from None
+            raise ChatError(f"{path} is not UTF-8 text: /read sends text files only") from None
+        if not text.strip():
+            raise ChatError(f"{path} is empty: nothing to send")
+        return text
 
     def stats_table(self) -> Table:
+        from rich.table import Table
+
         t = Table(title="runtime counters", show_header=True, header_style="bold")
         t.add_column("counter")
         t.add_column("value", justify="right")
@@ -185,6 +229,103 @@ class ChatSession:
             f"system: {self.system!r}",
         ]
         return "\n".join(lines)
+
+
+def json_depth(value) -> int:
+    """Levels of lists and objects in a parsed JSON value, counted level by level (no recursion)."""
+    depth, level = 0, [value]
+    while level := [v for v in level if isinstance(v, (list, dict))]:
+        depth += 1
+        level = [child for v in level for child in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+def parse_session(data: bytes):
+    """A /load file's JSON value, or ValueError saying why there is none. Deep nesting is refused, never
+    a crash: json.loads recurses once per level and stops with RecursionError near 1000 levels."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = None
+    except ValueError:  # JSONDecodeError, or an integer too long to convert
+        raise ValueError("not valid JSON") from None
+    else:
+        if json_depth(value) <= SESSION_DEPTH:
+            return value
+    raise ValueError(f"JSON nested deeper than {SESSION_DEPTH} levels")
+
+
+def is_session_file(path: Path) -> bool:
+    """`ours` for /save: only a file with our format marker is replaced."""
+    from ..files import read_limited
+
+    try:
+        data = parse_session(read_limited(path, SESSION_LIMIT, "/save", "choose another file name"))
+    except (MoestreamError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == SESSION_FORMAT
+
+
+def read_session(path: str) -> tuple[list[dict], str | None, dict]:
+    """(messages, system, settings) of a saved chat, checked against the format; one line if not."""
+    from ..files import read_limited
+    from ..model.sampling import SamplingParams
+
+    data = read_limited(path, SESSION_LIMIT, "/load", "give the path of a file /save wrote")
+
+    def refuse(why: str):
+        return ChatError(f"{path} is not a saved moestream chat ({why}); the conversation is unchanged")
+
+    try:
+        data = parse_session(data)
+    except ValueError as e:
+        raise refuse(str(e)) from None
+    if not isinstance(data, dict):
+        raise refuse(f"the top level is a JSON {type(data).__name__}, not an object")
+    if data.get("format") != SESSION_FORMAT:
+        raise refuse(f'no "format": "{SESSION_FORMAT}" marker')
+    messages, system, settings = data.get("messages"), data.get("system"), data.get("settings")
+    if not isinstance(messages, list):
+        raise refuse('"messages" is not a list')
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ("user", "assistant", "system")
+                and isinstance(m["content"], str) and is_utf8(m["content"])):
+            raise refuse(f'message {i} is not {{"role": "user"|"assistant"|"system", "content": text}}')
+    if not (system is None or isinstance(system, str) and is_utf8(system)):
+        raise refuse('"system" is neither text nor null')
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, dict):
+        raise refuse('"settings" is not an object')
+    unknown = sorted(repr(k) for k in settings if k not in {f.name for f in fields(SamplingParams)})
+    if unknown:
+        raise refuse(f"unknown setting {unknown[0][:40]}")
+    return list(messages), system, settings
+
+
+def report_crash(e: BaseException) -> str:
+    """The one line for an unexpected exception; its traceback goes to a new file in the cache directory."""
+    import os
+    import secrets
+    import time
+    import traceback
+
+    from ..files import atomic_write, cache_dir
+
+    first = (str(e).strip().splitlines() or [""])[0][:200].encode("utf-8", "replace").decode("utf-8")
+    what = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    path = cache_dir() / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(4)}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        where = f"details in {path}"
+    except (OSError, MoestreamError) as w:
+        where = f"the details could not be written ({w})"
+    return f"error: internal error ({what}); the conversation is kept; {where}"
 
 
 def status_line(s) -> str:
@@ -217,6 +358,10 @@ def verbose_block(s) -> str:
 
 def memory_table(llm) -> Table:
     """At exit: per device, what the runtime holds (llama.cpp's memory breakdown, in MiB)."""
+    import psutil
+    import torch
+    from rich.table import Table
+
     s = llm.stats()
     t = Table(title="memory breakdown (MiB)", header_style="bold")
     for col in ("device", "model", "experts cached", "KV", "free"):
@@ -235,6 +380,8 @@ def memory_table(llm) -> Table:
 
 def load_with_progress(runtime, console: Console):
     """Load the model; placing experts in host RAM / on disk shows a progress bar of bytes."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
     from ..llm import LLM
     from .main import register
 
@@ -261,12 +408,17 @@ def chat(system_prompt, system_prompt_file, verbose, runtime, params):
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    from rich.console import Console
+
     console = Console(highlight=False)
     if system_prompt_file:
+        from ..files import read_limited
+
+        data = read_limited(system_prompt_file, READ_LIMIT, "-sysf", "give a shorter text file")
         try:
-            system_prompt = Path(system_prompt_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise MoestreamError(f"cannot read the system prompt file {system_prompt_file}: {getattr(e, 'strerror', None) or e}") from None
+            system_prompt = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise MoestreamError(f"the system prompt file {system_prompt_file} is not UTF-8 text") from None
     llm = load_with_progress(runtime, console)
     if llm.tokenizer is None:
         raise MoestreamError(f"{runtime.model} has no tokenizer.json, so it cannot chat")
@@ -281,6 +433,8 @@ def chat(system_prompt, system_prompt_file, verbose, runtime, params):
 
 
 def loop(session: ChatSession, console: Console) -> None:
+    """Read, run, repeat: whatever a command raises (a bad value, Ctrl+C, a bug) is one line, and the
+    conversation goes on."""
     interrupted = False  # the last thing that happened was a Ctrl+C
     while True:
         try:
@@ -296,7 +450,10 @@ def loop(session: ChatSession, console: Console) -> None:
             console.print()
             return
         except UnicodeDecodeError:
-            console.print("that input is not valid UTF-8: type it again", markup=False)
+            console.print(NOT_UTF8, markup=False)
+            continue
+        if not is_utf8(text):
+            console.print(NOT_UTF8, markup=False)
             continue
         interrupted = False
         command, _, args = text.strip().partition(" ")
@@ -329,5 +486,10 @@ def loop(session: ChatSession, console: Console) -> None:
                 console.print("(empty message: type something, or /help)", style="dim", markup=False)
             else:
                 interrupted = session.reply(text)
-        except ChatError as e:
+        except KeyboardInterrupt:  # in a command (a slow /read, a /save): back to the prompt
+            interrupted = True
+            console.print("\n[interrupted: back at the prompt; the conversation is kept]", style="dim", markup=False)
+        except MoestreamError as e:  # ChatError too
             console.print(f"error: {e}", markup=False, soft_wrap=True)
+        except Exception as e:  # a bug: one line, the traceback in a file, the conversation goes on
+            console.print(report_crash(e), markup=False, soft_wrap=True)
