@@ -7,11 +7,12 @@ uppercase = powers of 1024), used by every command.
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
-
-import torch
 
 from .errors import MoestreamError
 
@@ -22,12 +23,32 @@ _SIZE_UNITS = {
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$", re.ASCII)
 _COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "K": 2**10, "M": 2**20}
 
 
+class Size(int):
+    """A byte count that remembers how it was typed, so a budget is shown back in the user's units
+    ("--gpu-mem 80GiB" is never echoed as "85.90 GB"): `text` is the typed spelling, `binary` whether
+    its unit was a power of 1024 (None for plain bytes)."""
+
+    text: str
+    binary: bool | None
+
+    def __new__(cls, n: int, text: str, binary: bool | None):
+        self = super().__new__(cls, n)
+        self.text, self.binary = text, binary
+        return self
+
+    def __reduce__(self):  # copy / deepcopy (dataclasses.asdict) keep the spelling
+        return (Size, (int(self), self.text, self.binary))
+
+
 def parse_size(text: str | int, what: str = "size") -> int:
-    """Bytes from "40GiB" (x2^30), "40GB" (x10^9), "512MiB", "1.5GiB" or plain bytes."""
+    """Bytes from "40GiB" (x2^30), "40GB" (x10^9), "512MiB", "1.5GiB", "0.5KB" or plain bytes.
+
+    Exact arithmetic (no float): a value that is not a whole number of bytes ("1.5", "1.0001KB")
+    is refused, and so is a fraction like "0.9", which vLLM users mean as a share of the GPU."""
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise MoestreamError(f"{what} must not be negative (got {text})")
@@ -36,7 +57,16 @@ def parse_size(text: str | int, what: str = "size") -> int:
     unit = m.group(2).lower() if m else None
     if m is None or unit not in _SIZE_UNITS:
         raise MoestreamError(f"{what} {text!r} is not a size: use e.g. 40GiB, 40GB, 512MiB or plain bytes")
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    number = Fraction(m.group(1))
+    n = number * _SIZE_UNITS[unit]
+    if n.denominator != 1:
+        if unit in ("", "b") and number < 1:
+            raise MoestreamError(f"{what} {str(text).strip()} looks like a fraction of the memory; budgets are bytes "
+                                 "with a unit: use e.g. 40GiB or 512MiB")
+        raise MoestreamError(f"{what} {str(text).strip()} is not a whole number of bytes: use bytes with a unit, "
+                             "e.g. 40GiB, 1.5GiB or 512MiB")
+    typed = f"{m.group(1)} {_UNIT_SPELLING[unit]}" if _UNIT_SPELLING[unit] else m.group(1)
+    return Size(int(n), typed, None if unit in ("", "b") else "i" in unit)
 
 
 def parse_count(text: str | int, what: str = "context size") -> int:
@@ -45,16 +75,84 @@ def parse_count(text: str | int, what: str = "context size") -> int:
         if text <= 0:
             raise MoestreamError(f"{what} must be positive (got {text})")
         return text
-    m = re.match(r"^\s*(\d+(?:\.\d*)?)\s*([kKmM]?)\s*$", str(text))
+    m = re.match(r"^\s*(\d+(?:\.\d*)?)\s*([kKmM]?)\s*$", str(text), re.ASCII)
     if m is None:
         raise MoestreamError(f"{what} {text!r} is not a token count: use e.g. 4096, 32k, 128K or 1M")
-    n = int(float(m.group(1)) * _COUNT_UNITS[m.group(2)])
+    n = Fraction(m.group(1)) * _COUNT_UNITS[m.group(2)]
+    if n.denominator != 1:
+        raise MoestreamError(f"{what} {str(text).strip()} is not a whole number of tokens: use e.g. 4096, 32k or 128K")
     if n <= 0:
         raise MoestreamError(f"{what} must be positive (got {text!r})")
-    return n
+    return int(n)
 
 
-def resolve_device(device: str) -> torch.device:
+_UNIT_SPELLING = {"": "", "b": "B", "k": "kB", "kb": "kB", "m": "MB", "mb": "MB", "g": "GB", "gb": "GB", "t": "TB",
+                  "tb": "TB", "kib": "KiB", "mib": "MiB", "gib": "GiB", "tib": "TiB"}
+_BINARY_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+_DECIMAL_UNITS = (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3))
+
+
+def fmt_size(n: int) -> str:
+    """A budget the way it was most likely typed: 80GiB reads back as "80 GiB", 80GB as "80 GB",
+    1.5GiB as "1.5 GiB" (a Size says it exactly; for other counts, a guess:). In each unit family the largest unit that holds n exactly to two decimals;
+    of the two, the one with fewer decimals (then the larger unit). Else GiB-style, rounded."""
+    if isinstance(n, Size) and n.binary is not None:
+        return n.text
+    best = None
+    for family in (_BINARY_UNITS, _DECIMAL_UNITS):
+        for unit, scale in family:
+            if n >= scale and n * 100 % scale == 0:
+                hundredths = n * 100 // scale
+                text = f"{hundredths // 100}.{hundredths % 100:02d}".rstrip("0").rstrip(".")
+                key = (len(text.partition(".")[2]), -scale)
+                if best is None or key < best[0]:
+                    best = (key, f"{text} {unit}")
+                break
+    return best[1] if best else fmt_in(n, binary=True)
+
+
+def is_binary(n: int) -> bool:
+    """Whether a budget was given in GiB-style units (or nothing exact): its figures are shown in the
+    same family, so "--gpu-mem 72GB" is never compared with "70.37 GiB"."""
+    if isinstance(n, Size) and n.binary is not None:
+        return n.binary
+    return fmt_size(n).endswith("iB") or fmt_size(n).endswith(" B")
+
+
+def fmt_in(n: float, binary: bool, up: bool = False) -> str:
+    """n bytes in one unit family, the unit by magnitude: "20.74 GiB" or "22.27 GB"; with up=True
+    rounded up, so a minimum quoted back to the user is enough."""
+    units = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if binary else (("GB", 10**9), ("MB", 10**6), ("kB", 10**3))
+    for unit, scale in units:
+        if abs(n) >= scale:
+            value = math.ceil(n / scale * 100) / 100 if up else n / scale
+            return f"{value:.2f} {unit}"
+    return f"{math.ceil(n) if up else int(n)} B"
+
+
+def positive_number(value, what: str) -> float:
+    """A positive finite float (a bandwidth, a time): nan, inf, 0 and negatives give one line."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = math.nan
+    if not (math.isfinite(x) and x > 0):
+        raise MoestreamError(f"{what} {value} is not a positive finite number")
+    return x
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as taskset / cgroups set it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_device(device: str):
+    """torch is imported here, not at the top: `moestream --help` must not pay for it."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -66,18 +164,19 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16}
+DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "f16": "float16"}  # --dtype spelling -> torch dtype name
 
 
-def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str, device, checkpoint_dtype):
     """"auto" = the checkpoint's dtype on CUDA, float32 on CPU (CPU bf16 matmuls are slow and inexact)."""
+    import torch
+
     if dtype == "auto":
         return checkpoint_dtype if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise MoestreamError(f"dtype {dtype!r} is not known: use auto, float32, bfloat16 or float16")
-    return DTYPES[dtype]
+    return getattr(torch, DTYPES[dtype])
 
 
 CPU_EXPERTS = ("auto", "never", "always")
@@ -89,13 +188,35 @@ DEFAULT_CTX = 8192  # the context when -c is not given (capped by the model's ma
 KV_CACHE_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")
 
 
-def _positive(value, what: str) -> int:
+def _whole(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise MoestreamError(f"{what} {value!r} is not a whole number")
     try:
-        n = int(value)
-    except (TypeError, ValueError):
+        return int(str(value).strip())
+    except ValueError:
         raise MoestreamError(f"{what} {value!r} is not a whole number") from None
+
+
+def _positive(value, what: str) -> int:
+    n = _whole(value, what)
     if n <= 0:
         raise MoestreamError(f"{what} must be positive (got {value})")
+    return n
+
+
+def _threads(value) -> int:
+    """-t N: 0 = torch's default, else 1..the CPUs this process may use (more crashes torch)."""
+    n, cpus = _whole(value, "-t/--threads"), usable_cpus()
+    if not 0 <= n <= cpus:
+        raise MoestreamError(f"-t/--threads {value} is out of range: this process may use {cpus} CPU"
+                             f"{'s' if cpus > 1 else ''}, so use -t 1 to -t {cpus} (or 0 for torch's default)")
+    return n
+
+
+def _not_negative(value, what: str) -> int:
+    n = _whole(value, what)
+    if n < 0:
+        raise MoestreamError(f"{what} must not be negative (got {value})")
     return n
 
 
@@ -145,26 +266,21 @@ class RuntimeConfig:
               kv_block=256, profile=None) -> "RuntimeConfig":
         """Parse and check every setting once (sizes, counts, choices); raises MoestreamError."""
         size = lambda v, what: parse_size(v, what) if v is not None else None  # noqa: E731
-        try:
-            if int(prefetch) < 0 or int(n_cpu_moe) < 0:
-                raise MoestreamError("--prefetch and --n-cpu-moe must not be negative")
-        except ValueError:
-            raise MoestreamError(f"--prefetch {prefetch!r} / --n-cpu-moe {n_cpu_moe!r}: whole numbers, please") from None
         return cls(
             model=Path(path) if path else DEFAULT_MODEL,
             device=device,
             dtype=dtype,
             ctx_size=parse_count(ctx_size) if ctx_size and str(ctx_size) != "0" else 0,
-            threads=_positive(threads, "-t/--threads") if threads and str(threads) != "0" else 0,
+            threads=_threads(threads),
             gpu_mem=size(gpu_mem, "--gpu-mem"),
             cpu_mem=size(cpu_mem, "--cpu-mem"),
             expert_cache=size(expert_cache, "--expert-cache"),
             cpu_experts=_choice(cpu_experts, CPU_EXPERTS, "--cpu-experts"),
             cache_policy=_choice(cache_policy, CACHE_POLICIES, "--cache-policy"),
             cache_split=_choice(cache_split, CACHE_SPLITS, "--cache-split"),
-            prefetch=int(prefetch),
+            prefetch=_not_negative(prefetch, "--prefetch"),
             cpu_moe=bool(cpu_moe),
-            n_cpu_moe=int(n_cpu_moe),
+            n_cpu_moe=_not_negative(n_cpu_moe, "--n-cpu-moe"),
             expert_dir=Path(expert_dir) if expert_dir else None,
             repack=bool(repack),
             record_routing=Path(record_routing) if record_routing else None,

@@ -16,13 +16,13 @@ import csv
 import io
 import itertools
 import json
+import math
 import statistics
 from pathlib import Path
 
 import click
-import torch
 
-from ..config import parse_size
+from ..config import parse_size, positive_number
 from ..errors import MoestreamError
 from .main import build_runtime, cli, register, runtime_options
 
@@ -39,6 +39,8 @@ def _counts(text: str, what: str) -> list[int]:
 
 def run_test(llm, n_prompt: int, n_gen: int, depth: int, seed: int) -> dict:
     """One repetition: returns tokens/s and the counter deltas of the timed part."""
+    import torch
+
     from ..model.sampling import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
@@ -61,6 +63,8 @@ def run_test(llm, n_prompt: int, n_gen: int, depth: int, seed: int) -> dict:
 
 
 def model_facts(llm) -> dict:
+    import torch
+
     c, p = llm.config, llm.plan
     params = p.resident_bytes / torch.empty((), dtype=llm.dtype).element_size() + p.n_experts * c.expert_numel
     size = p.resident_bytes + p.n_experts * p.expert_bytes
@@ -78,15 +82,13 @@ def model_facts(llm) -> dict:
 @click.option("-o", "--output", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
 @click.option("--synthetic", type=click.Choice(["scout", "maverick", "tiny"]), default=None,
               help="Real shapes with random weights, no checkpoint (tiny: small shapes for smoke tests).")
-@click.option("--layers", type=int, default=None, help="With --synthetic: how many layers.")
+@click.option("--layers", type=click.IntRange(min=1), default=None, help="With --synthetic: how many layers.")
 @runtime_options(sweep=True)
 @click.pass_context
 def bench(ctx, n_prompt, n_gen, pg, n_depth, repetitions, output, synthetic, layers, sweeps):
     """llama-bench for moestream: pp / tg / pp+tg tests, parameter sweeps, mean ± stddev."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..llm import LLM
-
     tests = [("pp", n, 0) for n in _counts(n_prompt, "-p") if n] + [("tg", 0, n) for n in _counts(n_gen, "-n") if n]
     if pg:
         pair = _counts(pg, "-pg")
@@ -96,6 +98,18 @@ def bench(ctx, n_prompt, n_gen, pg, n_depth, repetitions, output, synthetic, lay
     if not tests:
         raise MoestreamError("no test to run: give -p, -n or -pg a positive count")
     depths = _counts(n_depth, "-d") or [0]
+    if layers is not None and not synthetic:
+        raise MoestreamError("--layers only applies to --synthetic models: add --synthetic scout|maverick|tiny, or drop --layers")
+    longest = max(d + p + g for d in depths for _, p, g in tests) + 2  # the depth prefix and last sample take one each
+    for combo in itertools.product(*sweeps.values()):  # every combination's flags checked before the first run
+        runtime = build_runtime(dict(zip(sweeps, combo)))
+        if runtime.ctx_size and runtime.ctx_size < longest:
+            raise MoestreamError(f"-c {runtime.ctx_size} is too small for these tests: the longest needs {longest} tokens "
+                                 f"(depth + prompt + generated + 2): use -c {longest} or more, or leave -c out")
+    import torch
+
+    from ..llm import LLM
+
     swept = {k: v for k, v in sweeps.items() if len(v) > 1}
     rows = []
     for combo in itertools.product(*sweeps.values()):
@@ -115,7 +129,6 @@ def bench(ctx, n_prompt, n_gen, pg, n_depth, repetitions, output, synthetic, lay
             checkpoint = SyntheticCheckpoint(synthetic, layers, dtype)
             values["path"] = str(checkpoint.path)
         runtime = build_runtime(values)
-        longest = max(d + p + g for d in depths for _, p, g in tests) + 2
         if not runtime.ctx_size:
             values["ctx_size"] = str(longest)
             runtime = build_runtime(values)
@@ -171,14 +184,26 @@ def render(rows: list[dict], fmt: str, swept: list[str]) -> str:
 @click.option("--cpu-expert-ms", type=float, default=None, help="One expert on the CPU (omit: never use the CPU).")
 def replay(trace, expert_cache, slots, link_gbps, expert_ms, layer_ms, cpu_expert_ms):
     """Replay a --record-routing TRACE through every cache policy and Belady's MIN."""
-    from ..scheduler.replay import CostSettings, replay as run_replay
     from ..scheduler.routing import load_trace
 
+    link_gbps = positive_number(link_gbps, "--link-gbps")
+    for value, flag in ((expert_ms, "--expert-ms"), (layer_ms, "--layer-ms"), (cpu_expert_ms, "--cpu-expert-ms")):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise MoestreamError(f"{flag} {value} is not a time: use a finite number of milliseconds, 0 or more")
     t = load_trace(trace)
     eb = t.meta["expert_bytes"]
     n_experts = len(t.meta["moe_layers"]) * t.meta["num_experts"]
-    if slots is None:
-        slots = parse_size(expert_cache, "--expert-cache") // eb if expert_cache else max(1, n_experts // 4)
+    if slots is None and expert_cache:
+        slots = parse_size(expert_cache, "--expert-cache") // eb
+        if slots < 1:
+            raise MoestreamError(f"--expert-cache {expert_cache} holds no expert of this trace ({eb} bytes each): "
+                                 f"use --expert-cache {eb} or more")
+    elif slots is None:
+        slots = max(1, n_experts // 4)
+    elif slots < 1:
+        raise MoestreamError(f"--slots {slots}: the cache needs at least 1 slot")
+    from ..scheduler.replay import CostSettings, replay as run_replay
+
     cost = CostSettings(link_gbps, expert_ms, layer_ms, cpu_expert_ms)
     rows = run_replay(t, slots, cost)
     click.echo(f"trace: {trace} ({t.tokens} tokens, {len(t.meta['moe_layers'])} MoE layers x {t.meta['num_experts']} experts, "

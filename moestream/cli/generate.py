@@ -55,6 +55,11 @@ def generate(prompt, prompt_file, chat, system_prompt, as_json, runtime, params)
         request = messages
     else:
         request = prompt
+    if llm.tokenizer is not None:  # a one-shot prompt that overflows: say so in this command's words
+        n = len(llm.tokenizer.encode_chat(request) if chat else llm.tokenizer.encode(request))
+        if n >= llm.ctx_size:
+            raise MoestreamError(f"the prompt is {n} tokens and the context holds {llm.ctx_size}: "
+                                 "shorten the prompt or raise -c")
     stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     text = llm.complete(request, params, stream=stream)
     stats = llm.stats()

@@ -26,11 +26,12 @@ RUNTIME_FLAGS = [
      help="auto = checkpoint dtype on CUDA, float32 on CPU; or float32, bfloat16, float16.")),
     ("ctx_size", ("-c", "--ctx-size"), dict(default="0", show_default=True,
      help="Context length in tokens: 4096, 32k (=32,000), 32K (=32,768), 1M. 0 = the model's maximum, at most 8192.")),
-    ("threads", ("-t", "--threads"), dict(type=int, default=0, help="CPU threads (0 = torch's default).")),
+    ("threads", ("-t", "--threads"), dict(type=int, default=0,
+     help="CPU threads, at most the CPUs this process may use (0 = torch's default).")),
     ("gpu_mem", ("--gpu-mem",), dict(default=None, help="Compute-device budget: resident weights + KV + expert cache "
-     "(40GiB, 40GB, 512MiB, bytes). Default: 90%% of free GPU memory; no limit on CPU.")),
+     "in bytes with a unit (40GiB, 40GB, 512MiB), not a fraction. Default: 90% of free GPU memory; no limit on CPU.")),
     ("cpu_mem", ("--cpu-mem",), dict(default=None, help="Host RAM for routed experts; the rest go to a repacked file "
-     "on disk. Default: 80%% of available RAM.")),
+     "on disk (40GiB, 512MiB, bytes). Default: 80% of available RAM.")),
     ("expert_cache", ("--expert-cache",), dict(default=None,
      help="Bytes of expert-cache slots on the device (default: what --gpu-mem leaves).")),
     ("cpu_experts", ("--cpu-experts",), dict(type=click.Choice(["auto", "never", "always"]), default="auto",
@@ -108,35 +109,66 @@ def runtime_options(fn=None, *, sweep: bool = False):
 
 
 def sampling_options(fn):
-    @click.option("-n", "--n-predict", "max_tokens", type=click.IntRange(min=1), default=256, show_default=True,
-                  help="Maximum tokens to generate.")
-    @click.option("--temp", "temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+    """The sampling flags, taken as text and checked by SamplingParams, the one place every way of
+    setting them (flags, llm.generate, chat /set and /load) is checked: a bad value is one `error:` line
+    (click's own range types print a usage block, and let NaN through)."""
+    @click.option("-n", "--n-predict", "max_tokens", default="256", show_default=True,
+                  help="Maximum tokens to generate (at least 1).")
+    @click.option("--temp", "temperature", default="0.8", show_default=True,
                   help="Sampling temperature (0 = greedy).")
-    @click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0 = off.")
-    @click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True, help="1.0 = off.")
-    @click.option("--repeat-penalty", "repetition_penalty", type=click.FloatRange(min=0, min_open=True),
-                  default=1.0, show_default=True, help="1.0 = off.")
-    @click.option("-s", "--seed", type=int, default=None, help="Random seed for reproducible sampling.")
+    @click.option("--top-k", "top_k", default="40", show_default=True, help="0 = off.")
+    @click.option("--top-p", "top_p", default="0.95", show_default=True, help="In (0, 1]; 1.0 = off.")
+    @click.option("--repeat-penalty", "repetition_penalty", default="1.0", show_default=True,
+                  help="0.01 to 100; 1.0 = off.")
+    @click.option("-s", "--seed", default=None, help="Random seed for reproducible sampling (0 to 2^63-1).")
     @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-turn tokens.")
     @functools.wraps(fn)
     def wrapper(*args, max_tokens, temperature, top_k, top_p, repetition_penalty, seed, ignore_eos, **kwargs):
         from ..model.sampling import SamplingParams
 
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, max_tokens, ignore_eos)
+        params = SamplingParams.from_text(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                          repetition_penalty=repetition_penalty, max_tokens=max_tokens,
+                                          ignore_eos=ignore_eos)
         return fn(*args, params=params, **kwargs)
 
     return wrapper
 
 
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+def one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
 class Group(click.Group):
-    """Turns MoestreamError into one line and exit status 1."""
+    """Turns MoestreamError into one line and exit status 1, and click's own usage errors (a value
+    that is not a number, an unknown flag) into one line too (exit status 2, as click's)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MoestreamError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {one_line(e)}", err=True)
             sys.exit(1)
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            if isinstance(e, NO_ARGS_IS_HELP):  # bare `moestream`: the help, as click shows it
+                e.show()
+                sys.exit(e.exit_code)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            click.echo(f"error: {one_line(e.format_message())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import MoestreamError
-from ..profiling.report import PLOTS_HINT, plots, summary_rows
+from ..files import describe_os_error
+from ..profiling.report import PLOTS_HINT, plots, summary_problem, summary_rows
 from .main import cli
 
 
@@ -24,8 +25,12 @@ def report(directory, no_plots):
         summary = json.loads(path.read_text())
     except OSError as e:
         raise MoestreamError(f"cannot read {path} ({e.strerror}): record one with --profile {directory}") from None
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         raise MoestreamError(f"{path} is not valid JSON: record the profile again") from None
+    problem = summary_problem(summary)
+    if problem:
+        raise MoestreamError(f"{path} is not a moestream profile summary ({problem}): record the profile again "
+                             f"with --profile {directory}")
     con = Console(highlight=False)
     table = Table(title=f"profile of {summary['model']}", show_header=False)
     for key, value in summary_rows(summary):
@@ -38,5 +43,8 @@ def report(directory, no_plots):
     except ImportError:
         con.print(f"plots: {PLOTS_HINT}", style="dim", markup=False)
         return
+    except OSError as e:
+        raise MoestreamError(f"cannot write the plots to {Path(directory) / 'plots'}: {describe_os_error(e)} "
+                             "(--no-plots shows the tables alone)") from None
     for f in files:
         con.print(f"wrote {f}", markup=False)

@@ -8,6 +8,8 @@ lists. Both are normalised here once, so the model code never looks at raw JSON.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,84 @@ from ..errors import MoestreamError
 
 LLAMA4_ARCHITECTURES = ("Llama4ForConditionalGeneration", "Llama4ForCausalLM", "Llama4TextModel")
 LLAMA4_MODEL_TYPES = ("llama4", "llama4_text")
+HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as on huggingface.co
+GGUF_MAGIC = b"GGUF"
+
+
+def misused_model_path(path: Path) -> str | None:
+    """Why `-m PATH` is not a checkpoint directory, when it is a newcomer's usual mistake (a file, a
+    GGUF, a Hugging Face repo id that was never downloaded); None otherwise."""
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                gguf = f.read(4) == GGUF_MAGIC
+        except OSError:
+            gguf = False
+        if gguf or path.suffix.lower() == ".gguf":
+            return (f"{path} is a GGUF file, which moestream does not read: -m takes a Hugging Face checkpoint "
+                    "directory (config.json + *.safetensors); get one with hf download "
+                    "meta-llama/Llama-4-Scout-17B-16E-Instruct --local-dir DIR, then -m DIR")
+        return (f"{path} is a file: -m takes a checkpoint directory (the one holding config.json and *.safetensors), "
+                f"e.g. -m {path.parent}")
+    if not path.exists() and HF_REPO_ID.match(str(path)):
+        return (f"model directory {path} does not exist; to use the Hugging Face repo {path}, download it first: "
+                f"hf download {path} --local-dir DIR, then -m DIR")
+    return None
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class _Fields:
+    """Typed reads of one config.json object: a wrong type or range names the field and the file."""
+
+    def __init__(self, raw: dict, source: str):
+        self.raw, self.source = raw, source
+
+    def bad(self, key: str, what: str) -> MoestreamError:
+        return MoestreamError(f"{self.source}: {key} must be {what} (got {_shown(self.raw.get(key))}); "
+                              "fix it or re-download config.json")
+
+    def get(self, key: str, default):
+        """The value, or the default when absent or null; KeyError when there is no default."""
+        value = self.raw.get(key)
+        if value is None:
+            if default is KeyError:
+                raise KeyError(key)
+            return default
+        return value
+
+    def int(self, key: str, default=KeyError, minimum: int = 1) -> int:
+        value = self.get(key, default)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.bad(key, f"a whole number >= {minimum}")
+        return value
+
+    def float(self, key: str, default=KeyError, positive: bool = True) -> float:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (positive and value <= 0):
+            raise self.bad(key, "a positive number" if positive else "a finite number")
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        """true / false; a number counts as its truth (transformers 4.51 wrote attn_temperature_tuning: 4)."""
+        value = self.get(key, default)
+        if not isinstance(value, (bool, int)):
+            raise self.bad(key, "true or false")
+        return bool(value)
+
+    def dict(self, key: str) -> dict:
+        value = self.raw.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.bad(key, "a JSON object")
+        return value
 
 
 @dataclass
@@ -85,92 +165,116 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+        """Every field checked for type and range here, so a hand-edited or truncated config.json is
+        one line naming the field, not a ZeroDivisionError or an IndexError deep in the model."""
+        if not isinstance(raw, dict):
+            raise MoestreamError(f"{source} holds a JSON {type(raw).__name__}, not an object: re-download config.json")
         archs = raw.get("architectures") or []
+        archs = [archs] if isinstance(archs, str) else archs
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise _Fields(raw, source).bad("architectures", "a list of class names")
         model_type = raw.get("model_type")
         if not any(a in LLAMA4_ARCHITECTURES for a in archs) and model_type not in LLAMA4_MODEL_TYPES:
-            what = ", ".join(archs) or model_type or "unknown"
+            what = ", ".join(archs) or (model_type if isinstance(model_type, str) else None) or "unknown"
             raise MoestreamError(
                 f"{source} describes a {what} model; moestream runs Llama 4 checkpoints "
                 f"(architectures {' or '.join(LLAMA4_ARCHITECTURES[:2])})"
             )
         multimodal = "text_config" in raw
         top = raw
-        t = dict(raw.get("text_config") or raw)
+        t = _Fields(raw, source).dict("text_config") if multimodal else raw
         try:
-            return cls._from_text_config(t, top, multimodal)
+            return cls._from_text_config(_Fields(dict(t or raw), source), top, multimodal)
         except KeyError as e:
             raise MoestreamError(f"{source} lacks the field {e.args[0]!r} that a Llama 4 config needs") from None
 
     @classmethod
-    def _from_text_config(cls, t: dict, top: dict, multimodal: bool) -> "ModelConfig":
-        n = int(t["num_hidden_layers"])
-        heads = int(t["num_attention_heads"])
-        hidden = int(t["hidden_size"])
+    def _from_text_config(cls, t: _Fields, top: dict, multimodal: bool) -> "ModelConfig":
+        n = t.int("num_hidden_layers")
+        heads = t.int("num_attention_heads")
+        hidden = t.int("hidden_size")
+        kv_heads = t.int("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise t.bad("num_key_value_heads", f"a divisor of num_attention_heads ({heads})")
+        experts = t.int("num_local_experts", 16)
+        top_k = t.int("num_experts_per_tok", 1)
+        if top_k > experts:
+            raise t.bad("num_experts_per_tok", f"at most num_local_experts ({experts})")
 
         # NoPE/RoPE schedule: explicit list (1 = RoPE) or every `no_rope_layer_interval`-th is NoPE.
-        nrl = t.get("no_rope_layers")
+        nrl = t.raw.get("no_rope_layers")
         if nrl:
+            if not isinstance(nrl, list) or len(nrl) < n or not all(v in (0, 1) for v in nrl):
+                raise t.bad("no_rope_layers", f"a list of {n} entries of 0 (NoPE) or 1 (RoPE), one per layer")
             rope_layers = [bool(v) for v in nrl[:n]]
         else:
-            interval = int(t.get("no_rope_layer_interval", 4))
+            interval = t.int("no_rope_layer_interval", 4)
             rope_layers = [(i + 1) % interval != 0 for i in range(n)]
 
-        moe_layers = t.get("moe_layers")
+        moe_layers = t.raw.get("moe_layers")
         if moe_layers is None:
-            step = int(t.get("interleave_moe_layer_step", 1))
+            step = t.int("interleave_moe_layer_step", 1)
             moe_layers = list(range(step - 1, n, step))
+        if (not isinstance(moe_layers, list)
+                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in moe_layers)
+                or len(set(moe_layers)) != len(moe_layers)):
+            raise t.bad("moe_layers", f"a list of distinct layer numbers in 0..{n - 1}")
 
         # RoPE parameters: v5 `rope_parameters`, or 4.51 `rope_theta` + `rope_scaling`.
-        rp = dict(t.get("rope_parameters") or {})
-        rs = t.get("rope_scaling") or {}
-        theta = float(rp.get("rope_theta", t.get("rope_theta", 500000.0)))
-        scaling_src = rp if rp.get("rope_type", rp.get("type")) == "llama3" else rs
-        rope_type = scaling_src.get("rope_type", scaling_src.get("type", "default")) if scaling_src else "default"
-        max_pos = int(t.get("max_position_embeddings", 131072))
+        rp = _Fields(t.dict("rope_parameters"), f"{t.source} rope_parameters")
+        rs = _Fields(t.dict("rope_scaling"), f"{t.source} rope_scaling")
+        theta = rp.float("rope_theta", t.float("rope_theta", 500000.0))
+        scaling_src = rp if rp.raw.get("rope_type", rp.raw.get("type")) == "llama3" else rs
+        rope_type = scaling_src.raw.get("rope_type", scaling_src.raw.get("type", "default")) if scaling_src.raw else "default"
+        max_pos = t.int("max_position_embeddings", 131072)
         scaling = None
         if rope_type == "llama3":
             scaling = RopeScaling(
-                factor=float(scaling_src["factor"]),
-                low_freq_factor=float(scaling_src["low_freq_factor"]),
-                high_freq_factor=float(scaling_src["high_freq_factor"]),
-                original_max_position_embeddings=int(
-                    scaling_src.get("original_max_position_embeddings", max_pos)
-                ),
+                factor=scaling_src.float("factor"),
+                low_freq_factor=scaling_src.float("low_freq_factor"),
+                high_freq_factor=scaling_src.float("high_freq_factor"),
+                original_max_position_embeddings=scaling_src.int("original_max_position_embeddings", max_pos),
             )
         elif rope_type not in ("default", None):
             raise MoestreamError(f"rope type {rope_type!r} is not supported (Llama 4 uses default or llama3)")
 
-        eos = t.get("eos_token_id", top.get("eos_token_id"))
-        eos_ids = [int(x) for x in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
-        bos = t.get("bos_token_id", top.get("bos_token_id"))
-        dtype = t.get("torch_dtype") or t.get("dtype") or top.get("torch_dtype") or top.get("dtype") or "bfloat16"
-        chunk = t.get("attention_chunk_size")
+        eos = t.raw.get("eos_token_id", top.get("eos_token_id"))
+        eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in eos_ids):
+            raise t.bad("eos_token_id", "a token id or a list of token ids")
+        bos = t.raw.get("bos_token_id", top.get("bos_token_id"))
+        if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or bos < 0):
+            raise t.bad("bos_token_id", "a token id")
+        dtype = (t.raw.get("torch_dtype") or t.raw.get("dtype") or top.get("torch_dtype") or top.get("dtype")
+                 or "bfloat16")
+        tie = t.bool("tie_word_embeddings", _Fields(top, t.source).bool("tie_word_embeddings", False))
+        chunk = t.raw.get("attention_chunk_size")
 
         return cls(
-            vocab_size=int(t["vocab_size"]),
+            vocab_size=t.int("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(t["intermediate_size"]),
-            intermediate_size_mlp=int(t.get("intermediate_size_mlp", 16384)),
+            intermediate_size=t.int("intermediate_size"),
+            intermediate_size_mlp=t.int("intermediate_size_mlp", 16384),
             num_hidden_layers=n,
             num_attention_heads=heads,
-            num_key_value_heads=int(t.get("num_key_value_heads") or heads),
-            head_dim=int(t.get("head_dim") or hidden // heads),
-            num_local_experts=int(t.get("num_local_experts", 16)),
-            num_experts_per_tok=int(t.get("num_experts_per_tok", 1)),
-            moe_layers=[int(i) for i in moe_layers],
+            num_key_value_heads=kv_heads,
+            head_dim=t.int("head_dim", hidden // heads),
+            num_local_experts=experts,
+            num_experts_per_tok=top_k,
+            moe_layers=sorted(moe_layers),
             rope_layers=rope_layers,
-            use_qk_norm=bool(t.get("use_qk_norm", True)),
-            attention_chunk_size=int(chunk) if chunk else max_pos,
-            attn_temperature_tuning=bool(t.get("attn_temperature_tuning", True)),
-            floor_scale=float(t.get("floor_scale", 8192)),
-            attn_scale=float(t.get("attn_scale", 0.1)),
+            use_qk_norm=t.bool("use_qk_norm", True),
+            attention_chunk_size=max_pos if chunk in (None, 0) else t.int("attention_chunk_size"),  # 0: no chunking
+            attn_temperature_tuning=t.bool("attn_temperature_tuning", True),
+            floor_scale=t.float("floor_scale", 8192.0),
+            attn_scale=t.float("attn_scale", 0.1),
             rope_theta=theta,
             rope_scaling=scaling,
-            rms_norm_eps=float(t.get("rms_norm_eps", 1e-5)),
+            rms_norm_eps=t.float("rms_norm_eps", 1e-5),
             max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(t.get("tie_word_embeddings", top.get("tie_word_embeddings", False))),
-            bos_token_id=int(bos) if bos is not None else None,
-            eos_token_ids=eos_ids,
+            tie_word_embeddings=tie,
+            bos_token_id=bos,
+            eos_token_ids=list(eos_ids),
             torch_dtype=str(dtype),
             is_multimodal=multimodal,
         )

@@ -9,6 +9,8 @@ DIR/summary.json   per-token latency percentiles, prefill / decode tok/s, hit ra
                    tier, peak memory, the full llm.stats() snapshot, and per-step series.
 DIR/routing.jsonl  the routing trace (format in scheduler/routing.py).
 DIR/report.md      the summary as markdown.
+
+torch is imported where a Profile records, not at the top: `moestream report` only reads JSON.
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ import weakref
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from ..errors import MoestreamError
-from .recorder import Recorder
+from ..files import atomic_write, refuse_foreign
 
 PLOTS_HINT = "pip install 'moestream[plots]' (matplotlib) to draw the plots"
 
@@ -33,11 +33,17 @@ class Profile:
     """Installs a Recorder in every part of a loaded LLM and collects one record per step."""
 
     def __init__(self, llm, directory: Path):
+        import torch
+
+        from .recorder import Recorder
+
         self.dir = Path(directory)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise MoestreamError(f"cannot create the profile directory {self.dir}: {e.strerror}") from None
+        for name in PROFILE_FILES:  # refused now, not after the run
+            refuse_foreign(self.dir / name, **_ours(name))
         self._llm = weakref.ref(llm)  # the LLM holds its Profile: no reference cycle, so dropping it frees it
         self.rec = Recorder(llm.device)
         llm.rec = llm.model.rec = self.rec
@@ -100,6 +106,8 @@ class Profile:
         return events
 
     def summary(self) -> dict:
+        import torch
+
         s = self.llm.stats()
         steps = self.steps
         decode = [x for x in steps if x["kind"] == "decode"]
@@ -142,9 +150,26 @@ class Profile:
         if self.llm.routing_trace is not None:
             self.llm.routing_trace.flush()
         summary = self.summary()
-        (self.dir / "trace.json").write_text(json.dumps(self.rec.chrome_trace(extra=self._trace_counters())))
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        (self.dir / "report.md").write_text(markdown(summary))
+        texts = {"trace.json": json.dumps(self.rec.chrome_trace(extra=self._trace_counters())),
+                 "summary.json": json.dumps(summary, indent=1), "report.md": markdown(summary)}
+        for name, text in texts.items():
+            atomic_write(self.dir / name, text, **_ours(name))
+
+
+# what each file of a profile starts with: a file there that does not is someone else's, never replaced
+PROFILE_FILES = {"trace.json": (b'{"traceEvents"', "a moestream trace"),
+                 "summary.json": (b'{\n "model"', "a moestream profile summary"),
+                 "report.md": (b"# moestream profile", "a moestream profile report")}
+
+
+def _ours(name: str) -> dict:
+    head, what = PROFILE_FILES[name]
+
+    def ours(path: Path) -> bool:
+        with open(path, "rb") as f:
+            return f.read(len(head)) == head
+
+    return dict(ours=ours, what=what, fix="choose another --profile DIR")
 
 
 def routing_counts(path: Path, config) -> list[list[int]]:
@@ -160,6 +185,63 @@ def routing_counts(path: Path, config) -> list[list[int]]:
                 for e in token:
                     row[e] += 1
     return counts
+
+
+NUMBER, TEXT, MAYBE_NUMBER, NUMBERS = "a number", "a string", "a number or null", "an object of numbers"
+SUMMARY = {  # what summary_rows and plots read, and what each must be
+    "model": TEXT, "device": TEXT, "dtype": TEXT,
+    "tokens": {"prefill": NUMBER, "decode": NUMBER}, "prefill_tps": NUMBER, "decode_tps": NUMBER,
+    "latency_ms": {"mean": NUMBER, "p50": NUMBER, "p90": NUMBER, "p99": NUMBER},
+    "hit_rate": NUMBER, "prefetch_recall": NUMBERS, "prefetch_precision": NUMBERS,
+    "bytes_per_token": {"host_to_device": NUMBER, "disk_to_host": NUMBER}, "stall_fraction": NUMBER,
+    "cpu_experts": NUMBER, "cpu_expert_seconds": NUMBER, "kv_tokens": {"device": NUMBER, "host": NUMBER, "disk": NUMBER},
+    "peak_memory": {"cuda_bytes": MAYBE_NUMBER, "host_rss_bytes": NUMBER},
+}
+STEP = {"kind": TEXT, **{k: NUMBER for k in ("ms", "pos", "stall_ms", "cpu_expert_ms", "hits", "misses", "bytes_host_to_device",
+                                            "bytes_disk_to_host", "kv_device", "kv_host", "kv_disk")}}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _problem(value, schema, where: str) -> str | None:
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'the file'} is not a JSON object"
+        for key, sub in schema.items():
+            if key not in value:
+                return f"{where}{key} is missing"
+            found = _problem(value[key], sub, f"{where}{key}.")
+            if found:
+                return found
+        return None
+    ok = {NUMBER: _is_number(value), TEXT: isinstance(value, str), MAYBE_NUMBER: value is None or _is_number(value),
+          NUMBERS: isinstance(value, dict) and all(_is_number(v) for v in value.values())}[schema]
+    return None if ok else f"{where.rstrip('.')} is not {schema}"
+
+
+def summary_problem(s) -> str | None:
+    """What makes a summary.json unreadable for `moestream report` (hand-edited, another tool's,
+    another version's), or None."""
+    found = _problem(s, SUMMARY, "")
+    if found:
+        return found
+    if set(s["prefetch_precision"]) < set(s["prefetch_recall"]):
+        return "prefetch_precision lacks a distance that prefetch_recall has"
+    series = s.get("series", [])
+    if not isinstance(series, list):
+        return "series is not a list"
+    for i, step in enumerate(series):
+        found = _problem(step, STEP, f"series[{i}].")
+        if found:
+            return found
+    counts = s.get("routing_counts")
+    if counts is not None and not (isinstance(counts, list)
+                                   and all(isinstance(r, list) and all(map(_is_number, r)) for r in counts)
+                                   and len({len(r) for r in counts}) <= 1):
+        return "routing_counts is not a table of numbers"
+    return None
 
 
 def summary_rows(s: dict) -> list[tuple[str, str]]:
@@ -200,7 +282,7 @@ def plots(summary: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    decode = [x for x in summary["series"] if x["kind"] == "decode"]
+    decode = [x for x in summary.get("series", []) if x["kind"] == "decode"]
     idx = list(range(len(decode)))
     files = []
 
@@ -244,7 +326,7 @@ def plots(summary: dict, out: Path) -> list[Path]:
     ax.legend(fontsize=8)
     save(fig, "bytes.png")
 
-    steps = summary["series"]
+    steps = summary.get("series", [])
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.stackplot([x["pos"] for x in steps], [x["kv_device"] for x in steps], [x["kv_host"] for x in steps],
                  [x["kv_disk"] for x in steps], labels=["device", "host", "disk"])

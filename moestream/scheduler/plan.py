@@ -5,31 +5,29 @@ lm_head) + KV reserved for the context + a workspace for activations + expert-ca
 Routed experts live in the ExpertStore: host RAM up to --cpu-mem, the rest on disk. When the
 budget holds every expert, the cache *is* the model: experts are read straight from the
 checkpoint into their slots once and never move again.
+
+torch and the KV cache are imported inside the functions that need them: `moestream plan --help`
+(which lists the presets below) must not pay seconds for torch.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import psutil
-import torch
-
-from ..cache.kv import KVLayout, kv_type_bytes
-from ..config import DEFAULT_CTX, RuntimeConfig
+from ..config import DEFAULT_CTX, RuntimeConfig, fmt_in, fmt_size, is_binary
 from ..errors import MoestreamError
 from ..model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from ..cache.kv import KVLayout
 
 WORKSPACE_TOKENS = 512  # activations are reserved for a step of this many tokens
 
 
 def fmt_bytes(n: float, up: bool = False) -> str:
     """"1.50 GiB"; with up=True rounded up, so a minimum quoted back to the user is enough."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            value = math.ceil(n / scale * 100) / 100 if up else n / scale
-            return f"{value:.2f} {unit}"
-    return f"{int(n)} B"
+    return fmt_in(n, binary=True, up=up)
 
 
 def resident_bytes(c: ModelConfig, itemsize: int) -> int:
@@ -45,6 +43,8 @@ def resident_bytes(c: ModelConfig, itemsize: int) -> int:
 
 def kv_token_bytes(c: ModelConfig, k_type: str, v_type: str) -> int:
     """Keys + values of one token in one layer, in the cache types."""
+    from ..cache.kv import kv_type_bytes
+
     return int(c.num_key_value_heads * (kv_type_bytes(k_type, c.head_dim) + kv_type_bytes(v_type, c.head_dim)))
 
 
@@ -56,8 +56,12 @@ def kv_bytes(c: ModelConfig, ctx: int, per_token: int, hot_tokens: int | None = 
     return ring + len(c.global_layers) * held * per_token
 
 
-def kv_layout(c: ModelConfig, rt: RuntimeConfig, dtype: torch.dtype, ctx: int, problem=None) -> KVLayout:
-    """KV storage types and, under --kv-gpu-mem / --kv-cpu-mem, the tokens each tier holds."""
+def kv_layout(c: ModelConfig, rt: RuntimeConfig, dtype, ctx: int, problem=None):
+    """KV storage types and, under --kv-gpu-mem / --kv-cpu-mem, the tokens each tier holds (a KVLayout)."""
+    import torch
+
+    from ..cache.kv import KVLayout
+
     problem = problem or _raise
     auto = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
     k_type = auto if rt.cache_type_k == "auto" else rt.cache_type_k
@@ -71,10 +75,11 @@ def kv_layout(c: ModelConfig, rt: RuntimeConfig, dtype: torch.dtype, ctx: int, p
     window = min(ctx, rt.ubatch + rt.kv_block)  # a step's tokens plus one block must fit on the device
     minimum = ring + n_global * window * per_token
     if rt.kv_gpu_mem < minimum:
+        need = fmt_in(minimum, is_binary(rt.kv_gpu_mem), up=True)  # in the units the budget was typed in
         problem(
-            f"--kv-gpu-mem {fmt_bytes(rt.kv_gpu_mem)} is below the {fmt_bytes(minimum, up=True)} the KV cache needs on "
+            f"--kv-gpu-mem {fmt_size(rt.kv_gpu_mem)} is below the {need} the KV cache needs on "
             f"the device (one chunk per RoPE layer + {window} tokens per global layer): use --kv-gpu-mem "
-            f"{fmt_bytes(minimum, up=True)} or more, or a smaller -ub / --kv-block"
+            f"{need} or more, or a smaller -ub / --kv-block"
         )
         return layout
     layout.hot_tokens = (rt.kv_gpu_mem - ring) // (n_global * per_token)
@@ -85,7 +90,7 @@ def kv_layout(c: ModelConfig, rt: RuntimeConfig, dtype: torch.dtype, ctx: int, p
         if rt.kv_disk is None and ctx > fits:
             problem(
                 f"a context of {ctx} tokens does not fit the KV budgets: at most {fits} tokens fit in "
-                f"--kv-gpu-mem {fmt_bytes(rt.kv_gpu_mem)} + --kv-cpu-mem {fmt_bytes(rt.kv_cpu_mem)}; use -c {fits}, "
+                f"--kv-gpu-mem {fmt_size(rt.kv_gpu_mem)} + --kv-cpu-mem {fmt_size(rt.kv_cpu_mem)}; use -c {fits}, "
                 "raise the budgets, or add --kv-disk PATH"
             )
     return layout
@@ -122,10 +127,12 @@ class Plan:
         return 0 if self.resident else self.n_experts - self.host_experts
 
 
-def default_gpu_mem(device: torch.device) -> int | None:
+def default_gpu_mem(device) -> int | None:
     """On CUDA, 90% of the free device memory (vLLM's default utilisation); on CPU, no limit."""
     if device.type != "cuda":
         return None
+    import torch
+
     free, _ = torch.cuda.mem_get_info(device)
     return int(free * 0.9)
 
@@ -134,11 +141,19 @@ def _raise(message: str):
     raise MoestreamError(message)
 
 
-def make_plan(c: ModelConfig, rt: RuntimeConfig, device: torch.device, dtype: torch.dtype,
-              expert_bytes: int | None = None, strict: bool = True) -> Plan:
+def make_plan(c: ModelConfig, rt: RuntimeConfig, device, dtype, expert_bytes: int | None = None,
+              strict: bool = True) -> Plan:
     """Placement from shapes and budgets. strict: a budget that cannot work raises MoestreamError;
-    otherwise (the `plan` command) the reasons are collected in plan.problems and the plan goes on."""
+    otherwise (the `plan` command) the reasons are collected in plan.problems and the plan goes on.
+    A flag that makes no sense for this model (--prefetch past its last MoE layer) always raises."""
+    import psutil
+    import torch
+
     problems: list[str] = []
+    farthest = max(1, len(c.moe_layers) - 1)  # the default --prefetch 1 is fine even with one MoE layer
+    if rt.prefetch > farthest:
+        _raise(f"--prefetch {rt.prefetch} looks further ahead than this model's {len(c.moe_layers)} MoE layers allow: "
+               f"use --prefetch {farthest} or less (0 = off)")
 
     def problem(message: str) -> None:
         if strict:
@@ -167,21 +182,22 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device: torch.device, dtype: to
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if kv_bytes(c, mid, per_token, layout.hot_tokens) <= spare else (lo, mid - 1)
             largest = lo
+        f = lambda n, up=False: fmt_in(n, is_binary(gpu_mem), up)  # noqa: E731  (in the units the budget was typed in)
         problem(
-            f"--gpu-mem {fmt_bytes(gpu_mem)} is below the {fmt_bytes(minimum)} this model needs at -c {ctx} "
-            f"(resident weights {fmt_bytes(res)} + KV {fmt_bytes(kv)} + workspace {fmt_bytes(ws)}"
-            + (f" + one expert slot {fmt_bytes(eb)}" if need_slot else "")
-            + f"): use --gpu-mem {fmt_bytes(minimum, up=True)} or more"
+            f"--gpu-mem {fmt_size(gpu_mem)} is below the {f(minimum)} this model needs at -c {ctx} "
+            f"(resident weights {f(res)} + KV {f(kv)} + workspace {f(ws)}"
+            + (f" + one expert slot {f(eb)}" if need_slot else "")
+            + f"): use --gpu-mem {f(minimum, up=True)} or more"
             + (f", or -c {largest} (the largest context that fits)" if largest > 0 else "")
-            + (", or --kv-gpu-mem to spill KV to host RAM" if rt.kv_gpu_mem is None and c.global_layers else "")
+            + (", or --kv-gpu-mem to spill KV to host RAM" if rt.kv_gpu_mem is None and c.global_layers and spare > 0 else "")
         )
     if rt.expert_cache is not None:
         slots = rt.expert_cache // eb
         if gpu_mem is not None and fixed + slots * eb > gpu_mem:
             problem(
-                f"--expert-cache {fmt_bytes(rt.expert_cache)} does not fit in --gpu-mem {fmt_bytes(gpu_mem)} "
-                f"beside {fmt_bytes(fixed)} of resident weights, KV and workspace: use --expert-cache "
-                f"{fmt_bytes((gpu_mem - fixed) // eb * eb)} or less"
+                f"--expert-cache {fmt_size(rt.expert_cache)} does not fit in --gpu-mem {fmt_size(gpu_mem)} "
+                f"beside {fmt_in(fixed, is_binary(gpu_mem))} of resident weights, KV and workspace: use --expert-cache "
+                f"{fmt_in(max(0, gpu_mem - fixed) // eb * eb, is_binary(gpu_mem))} or less"
             )
     elif gpu_mem is None:
         slots = gpu_side

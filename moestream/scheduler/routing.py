@@ -16,11 +16,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import MoestreamError
+from ..files import refuse_foreign
 
 FORMAT = "moestream-routing/1"
+
+
+def is_trace(path: Path) -> bool:
+    """Whether `path` starts with a routing trace's header line (a file we may replace)."""
+    with open(path, "rb") as f:
+        return f.read(40).startswith(b'{"format": "' + FORMAT.encode())
 
 
 class RoutingRecorder:
@@ -36,6 +41,7 @@ class RoutingRecorder:
     LIMIT = 16384
 
     def __init__(self, path: Path, meta: dict):
+        refuse_foreign(Path(path), is_trace, "a moestream routing trace", "choose another --record-routing FILE")
         try:
             self.file = open(path, "w", encoding="utf-8")
         except OSError as e:
@@ -47,7 +53,9 @@ class RoutingRecorder:
         self.first_layer = min(meta["moe_layers"]) if meta["moe_layers"] else 0
 
     def flush(self) -> None:
-        """Format and write the buffered records."""
+        """Format and write the buffered records (torch imported here: replaying a trace needs none)."""
+        import torch
+
         records: list[list] = []  # [layer, experts, scores, guess]
         for item in self.pending:
             if isinstance(item, tuple):
@@ -99,14 +107,70 @@ class Trace:
         return out
 
 
+def _whole(x, low: int = 0, high: int | None = None) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low and (high is None or x < high)
+
+
+def check_header(meta) -> str | None:
+    """What is wrong with a trace's first line, or None."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return f"its first line is not a {FORMAT} header"
+    layers = meta.get("moe_layers")
+    if not isinstance(layers, list) or not layers or not all(_whole(x) for x in layers) or len(set(layers)) != len(layers):
+        return "its header's moe_layers is not a list of distinct layer numbers"
+    for key in ("num_experts", "top_k", "expert_bytes"):
+        if not _whole(meta.get(key), 1):
+            return f"its header's {key} is not a positive whole number"
+    return None
+
+
+def check_record(r, meta: dict) -> str | None:
+    """What is wrong with one routing record, or None (replay indexes every field it checks)."""
+    if not isinstance(r, dict):
+        return "is not a JSON object"
+    if not _whole(r.get("step")):
+        return "has no step number"
+    if r.get("layer") not in meta["moe_layers"] or not _whole(r.get("layer")):
+        return f"has layer {r.get('layer')!r}, not one of the header's moe_layers"
+    experts = r.get("experts")
+    if (not isinstance(experts, list) or not experts
+            or not all(isinstance(row, list) and all(_whole(e, 0, meta["num_experts"]) for e in row) for row in experts)):
+        return f"has experts that are not lists of expert numbers in 0..{meta['num_experts'] - 1}, one list per token"
+    predicted = r.get("predicted", [])
+    if not isinstance(predicted, list) or not all(_whole(e, 0, meta["num_experts"]) for e in predicted):
+        return "has predicted experts that are not expert numbers"
+    return None
+
+
 def load_trace(path: str | Path) -> Trace:
+    """A recorded trace, checked line by line: anything else is one line naming the file and the line."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-        meta = json.loads(lines[0])
-        records = [json.loads(line) for line in lines[1:] if line.strip()]
-    except (OSError, IndexError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise MoestreamError(f"cannot read routing trace {path}: {getattr(e, 'strerror', None) or e}") from None
-    if meta.get("format") != FORMAT:
-        raise MoestreamError(f"{path} is not a moestream routing trace (expected format {FORMAT})")
+    if not lines or not lines[0].strip():
+        raise MoestreamError(f"{path} is empty, not a moestream routing trace: record one with --record-routing FILE")
+    fix = "record the trace again with --record-routing FILE"
+    try:
+        meta = json.loads(lines[0])
+    except ValueError:
+        meta = None
+    problem = check_header(meta)
+    if problem:
+        raise MoestreamError(f"{path} is not a moestream routing trace: {problem} (expected format {FORMAT}); {fix}")
+    records = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise MoestreamError(f"{path} line {number} is not valid JSON (a truncated trace?); {fix}") from None
+        problem = check_record(record, meta)
+        if problem:
+            raise MoestreamError(f"{path} line {number} {problem}; {fix}")
+        records.append(record)
+    if not records:
+        raise MoestreamError(f"{path} holds a header but no routing records (the run processed no tokens); {fix}")
     return Trace(meta, records)
