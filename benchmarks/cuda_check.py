@@ -89,10 +89,10 @@ def main() -> None:
             ok1, why1 = close(llm.logits(ids), whole, dtype)
             ok2, why2 = close(llm.decode_logits(ids), stepped, dtype)
             s = llm.stats()
-            spilled = s.kv_spilled_to_host_bytes > 0 and (tier == "host" or s.kv_spilled_to_disk_bytes > 0)
+            spilled = s.kv.spilled_to_host_bytes > 0 and (tier == "host" or s.kv.spilled_to_disk_bytes > 0)
             check(f"{dev} {dtype} KV spilled to {tier}", ok1 and ok2 and spilled,
-                  f"{why1}; decoded: {why2}; spilled {s.kv_spilled_to_host_bytes} B to host, "
-                  f"{s.kv_spilled_to_disk_bytes} B to disk")
+                  f"{why1}; decoded: {why2}; spilled {s.kv.spilled_to_host_bytes} B to host, "
+                  f"{s.kv.spilled_to_disk_bytes} B to disk")
             llm.close()
         gpu.close()
 
@@ -105,9 +105,9 @@ def main() -> None:
     llm.generate_ids(ids, SamplingParams(temperature=0.8, seed=0, max_tokens=64), stop_ids=set())
     s = llm.stats()
     peak = torch.cuda.max_memory_allocated() - base if cuda else 0
-    check("device bytes under --gpu-mem", s.device_bytes <= budget and peak <= budget and not llm.plan.resident,
-          f"accounted {s.device_bytes / 2**20:.1f} MiB, max_memory_allocated {peak / 2**20:.1f} MiB"
-          f"{'' if cuda else ' (not measured on the CPU)'}, budget {budget / 2**20:.0f} MiB, {s.cache_slots} cache slots")
+    check("device bytes under --gpu-mem", s.memory.device_bytes <= budget and peak <= budget and not llm.plan.resident,
+          f"accounted {s.memory.device_bytes / 2**20:.1f} MiB, max_memory_allocated {peak / 2**20:.1f} MiB"
+          f"{'' if cuda else ' (not measured on the CPU)'}, budget {budget / 2**20:.0f} MiB, {s.experts.slots} cache slots")
     llm.close()
 
     prof = work / "profile"

@@ -67,11 +67,11 @@ def main() -> None:
         llm.generate_ids(prompt, SamplingParams(temperature=0, max_tokens=args.n), stop_ids=set())
         rss = proc.memory_info().rss - rss0
         s = llm.stats()
-        disk_bytes = n_global * s.kv_tokens_disk * per_token
-        accounted = s.kv_bytes + s.kv_host_bytes + disk_bytes
-        base = base or s.generation_tps
-        print(f"| {label} | {s.prompt_tps:.0f} | {s.generation_tps:.1f} | {s.generation_tps / base:.2f} | "
-              f"{s.kv_tokens_device} / {s.kv_tokens_host} / {s.kv_tokens_disk} | {accounted / 2**20:.2f} | "
+        disk_bytes = n_global * s.kv.tokens_disk * per_token
+        accounted = s.memory.kv_bytes + s.kv.host_bytes + disk_bytes
+        base = base or s.turn.generation_tps
+        print(f"| {label} | {s.turn.prompt_tps:.0f} | {s.turn.generation_tps:.1f} | {s.turn.generation_tps / base:.2f} | "
+              f"{s.kv.tokens_device} / {s.kv.tokens_host} / {s.kv.tokens_disk} | {accounted / 2**20:.2f} | "
               f"{accounted / predicted:.2f} | {rss / 2**20:.1f} |")
         llm.close()
     print("(KV accounted: device buffers + host buffers + disk blocks, by the cache's own counts; capacities are "

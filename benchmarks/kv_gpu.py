@@ -19,8 +19,9 @@ import psutil
 import torch
 
 from moestream.cache.kv import GlobalKV, KVCounters, KVLayout, KVPair, kv_type_bytes
-from moestream.config import parse_count
-from moestream.scheduler.cost import pinned_h2d_gbps
+from moestream.profiling.recorder import NULL
+from moestream.units import parse_count
+from moestream.offload.cost import pinned_h2d_gbps
 
 HEADS, KV_HEADS, HEAD_DIM = 40, 8, 128
 
@@ -28,7 +29,7 @@ HEADS, KV_HEADS, HEAD_DIM = 40, 8, 128
 def layer_at(ctx: int, window: int, kv_type: str) -> GlobalKV:
     """A global layer already holding `ctx` tokens: `window` on the device, the rest in pinned RAM."""
     layout = KVLayout(kv_type, kv_type, block=256, hot_tokens=window + 16, max_tokens=ctx + 16)  # no spill while timing
-    layer = GlobalKV(3, KV_HEADS, HEAD_DIM, "cuda", torch.bfloat16, layout, None, KVCounters())
+    layer = GlobalKV(3, KV_HEADS, HEAD_DIM, "cuda", torch.bfloat16, layout, NULL, None, KVCounters())
     spilled = ctx - window
     layer.host = KVPair(spilled, KV_HEADS, HEAD_DIM, kv_type, kv_type, "cpu", pin=True)
     chunk = 1 << 16

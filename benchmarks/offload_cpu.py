@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 import moestream
-from moestream.cache.experts import belady, lookahead_oracle, simulate
+from moestream.analysis.oracles import belady, lookahead_oracle, simulate
 from moestream.model.sampling import SamplingParams
-from moestream.scheduler.routing import load_trace
+from moestream.profiling.routing import load_trace
 
 PROMPT = [{"role": "user", "content": "Good morrow, my lord. What news from the court?"}]
 
@@ -35,7 +35,7 @@ def decode_tps(llm, n: int, repeats: int, temperature: float) -> float:
         llm.reset()
         llm.generate_ids(ids, SamplingParams(temperature=temperature, seed=0, max_tokens=n), stop_ids=set())
         s = llm.stats()
-        best = max(best, s.generation_tps)
+        best = max(best, s.turn.generation_tps)
     return best
 
 
@@ -73,9 +73,9 @@ def main() -> None:
         llm = moestream.load(expert_cache=cache_bytes, expert_dir=work, **kw)
         tps = decode_tps(llm, args.n, args.r, args.temp)
         s = llm.stats()
-        rec = " / ".join(f"{100 * s.prefetch_recall.get(d, 0):.0f}%" for d in (1, 2)) if s.prefetch_recall else "-"
-        pre = " / ".join(f"{100 * s.prefetch_precision.get(d, 0):.0f}%" for d in (1, 2)) if s.prefetch_precision else "-"
-        print(f"| {label} | {tps:.1f} | {tps / base:.2f} | {100 * s.hit_rate:.1f}% | {rec} | {pre} | {1e3 * s.stall_seconds:.1f} |")
+        rec = " / ".join(f"{100 * s.experts.prefetch_recall.get(d, 0):.0f}%" for d in (1, 2)) if s.experts.prefetch_recall else "-"
+        pre = " / ".join(f"{100 * s.experts.prefetch_precision.get(d, 0):.0f}%" for d in (1, 2)) if s.experts.prefetch_precision else "-"
+        print(f"| {label} | {tps:.1f} | {tps / base:.2f} | {100 * s.experts.hit_rate:.1f}% | {rec} | {pre} | {1e3 * s.experts.stall_seconds:.1f} |")
         llm.close()
 
     t = load_trace(trace)

@@ -23,12 +23,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from moestream.cache.experts import ExpertCache
+from moestream.offload.cache import ExpertCache
 from moestream.offload.engine import OffloadedExperts
 from moestream.offload.store import ExpertStore
 from moestream.offload.transfer import TransferEngine
-from moestream.scheduler.cost import pinned_h2d_gbps
-from moestream.scheduler.prefetch import Prefetcher
+from moestream.offload.cost import pinned_h2d_gbps
+from moestream.offload.prefetch import Prefetcher
 
 D, FF, E = 5120, 8192, 16
 

@@ -78,7 +78,7 @@ def main() -> None:
         base = warm[0][1]
         spread = (min(r for _, r in warm) / base - 1, max(r for _, r in warm) / base - 1)
         print(f"\n{name}: RSS after warm-up {base / 2**20:.1f} MiB, within {100 * spread[0]:+.2f}% / {100 * spread[1]:+.2f}% "
-              f"(hit rate {100 * s.hit_rate:.0f}%, KV on disk at the end {s.kv_tokens_disk} tokens per global layer)")
+              f"(hit rate {100 * s.experts.hit_rate:.0f}%, KV on disk at the end {s.kv.tokens_disk} tokens per global layer)")
         print("| window | tok/s | RSS MiB |")
         print("|---|---|---|")
         for i, (tps, rss) in enumerate(rows):

@@ -171,7 +171,7 @@ def test_show_stats_verbose_and_system_prompt(tmp_path):
     child.expect(r"experts: hit \d+% · prefetch \d+% · [\d.]+ GB moved")
     child.expect("eval rate: +[\\d.]+ tokens/s")
     child.expect_exact("> ")
-    say(child, "/stats", "expert_hits")
+    say(child, "/stats", "experts.hits")
     bye(child)
 
 

@@ -18,7 +18,7 @@ from .conftest import VOCAB
 def test_loading_reads_no_expert(tiny):
     llm = moestream.load(tiny("scout")[0])
     assert llm.checkpoint.expert_reads == 0
-    assert llm.stats().experts_resident == 0
+    assert llm.stats().experts.resident == 0
 
 
 def test_one_token_reads_only_the_chosen_experts(tiny):
@@ -28,12 +28,12 @@ def test_one_token_reads_only_the_chosen_experts(tiny):
     llm.logits([5])
     assert len(chosen) == len(llm.config.moe_layers)  # top-1, one token: one expert per MoE layer
     assert llm.checkpoint.expert_reads == len(chosen)
-    assert set(llm.experts.experts) == set(chosen)
+    assert set(llm.experts.loaded) == set(chosen)
     # the same token again: everything it needs is resident, nothing more is read
     reads = llm.checkpoint.expert_reads
     llm.logits([5])
     assert llm.checkpoint.expert_reads == reads
-    assert llm.stats().expert_gets == 2 * reads
+    assert llm.stats().experts.gets == 2 * reads
 
 
 def test_expert_read_is_a_slice_not_the_fused_tensor(tiny, monkeypatch):
@@ -181,5 +181,5 @@ def test_interrupted_step_drops_the_cache(tiny):
     with pytest.raises(KeyboardInterrupt):
         llm.generate_ids([1, 5, 6, 7], params, stop_ids=set())
     llm.model.moe = real_moe
-    assert llm.stats().kv_tokens == 0
+    assert llm.stats().kv.tokens == 0
     assert llm.generate_ids([1, 5, 6, 7], params, stop_ids=set()) == clean

@@ -1,7 +1,7 @@
 import pytest
 
 from moestream import MoestreamError
-from moestream.config import fmt_size, is_binary, parse_count, parse_size
+from moestream.units import fmt_size, is_binary, parse_count, parse_size
 
 
 @pytest.mark.parametrize("text,value", [

@@ -73,7 +73,7 @@ def test_stop_tokens_and_streaming(embedded):
     assert text == "".join(pieces)
     assert "<|" not in text
     # the reply ended on a stop token or at max_tokens
-    assert embedded.stats().generated_tokens <= 40
+    assert embedded.stats().turn.generated_tokens <= 40
 
 
 @pytest.mark.parametrize("word", ["café — naïve", "ROMEO:\nO, she doth teach the torches"])

@@ -89,7 +89,7 @@ def test_second_process_on_the_same_kv_file_is_refused(tiny, tmp_path):
     params = SamplingParams(temperature=0, max_tokens=4)
     prompt = torch.randint(3, VOCAB, (60,), generator=torch.Generator().manual_seed(2)).tolist()
     first = llm.generate_ids(prompt, params, stop_ids=set())
-    assert llm.stats().kv_tokens_disk > 0
+    assert llm.stats().kv.tokens_disk > 0
     held = disk.read_bytes()
     r = subprocess.run([sys.executable, "-c", SECOND_KV, str(path), str(disk)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 3, r.stderr
@@ -117,11 +117,11 @@ def test_kv_file_is_private_empty_per_conversation_and_gone_after_close(tiny, tm
     b = torch.randint(3, VOCAB, (60,), generator=torch.Generator().manual_seed(4)).tolist()
     assert llm.generate_ids(a, params, stop_ids=set()) == resident.generate_ids(a, params, stop_ids=set())
     assert disk.stat().st_size > len(KVDisk.HEADER)  # the conversation spilled
-    llm.new_cache().close()  # a new conversation starts from an empty file: no block of the last one is read
+    llm.drop(llm.new_sequence())  # a new conversation starts from an empty file: no block of the last one is read
     assert disk.stat().st_size == len(KVDisk.HEADER)
     resident.reset()
     assert llm.generate_ids(b, params, stop_ids=set()) == resident.generate_ids(b, params, stop_ids=set())
-    assert llm.stats().kv_tokens_disk > 0
+    assert llm.stats().kv.tokens_disk > 0
     llm.close()
     assert not disk.exists()
 
@@ -145,7 +145,7 @@ def resident(tiny):
     """Resident logits of PROMPT, and the experts PROMPT routes to (read once, on first use)."""
     path, _ = tiny("scout")
     llm = moestream.load(path)
-    return llm.logits(PROMPT), sorted(llm.experts.experts)
+    return llm.logits(PROMPT), sorted(llm.experts.loaded)
 
 
 def expert_files(directory: Path) -> list[Path]:

@@ -41,7 +41,7 @@ GOOD_SUMMARY_KEYS = {"model": "m", "device": "cpu", "dtype": "float32", "tokens"
                      "prefill_tps": 1.0, "decode_tps": 1.0, "latency_ms": {"mean": 1, "p50": 1, "p90": 1, "p99": 1},
                      "hit_rate": 0.5, "prefetch_recall": {}, "prefetch_precision": {},
                      "bytes_per_token": {"host_to_device": 0, "disk_to_host": 0}, "stall_fraction": 0,
-                     "cpu_experts": 0, "cpu_expert_seconds": 0, "kv_tokens": {"device": 1, "host": 0, "disk": 0},
+                     "cpu_runs": 0, "cpu_expert_seconds": 0, "kv_tokens": {"device": 1, "host": 0, "disk": 0},
                      "peak_memory": {"cuda_bytes": None, "host_rss_bytes": 1}, "series": []}
 HEADER = {"format": "moestream-routing/1", "model": "m", "moe_layers": [0, 1], "num_experts": 4, "top_k": 1,
           "expert_bytes": 1000}
@@ -87,7 +87,7 @@ CASES = [
     ("threads-huge", ["generate", "-p", "hi", "-t", "10000"], f"this process may use {CPUS} CPU"),
     ("threads-negative", ["plan", "-t", "-1"], "-t/--threads -1 is out of range"),
     ("threads-bench", ["bench", "-t", "10000", "-p", "4", "-n", "0", "-r", "1"], f"use -t 1 to -t {CPUS}"),
-    ("threads-word", ["plan", "-t", "many"], "'many' is not a valid integer"),
+    ("threads-word", ["plan", "-t", "many"], "-t/--threads 'many' is not a whole number"),
     ("gpu-mem-fraction", ["plan", "--gpu-mem", "0.9"], "budgets are bytes with a unit: use e.g. 40GiB or 512MiB"),
     ("gpu-mem-fraction-generate", ["generate", "-p", "hi", "--gpu-mem", "0.9"], "looks like a fraction"),
     ("gpu-mem-half-byte", ["plan", "--gpu-mem", "1.5"], "is not a whole number of bytes"),

@@ -49,7 +49,7 @@ def test_chat_turns_reuse_the_cached_prefix(tiny):
     reply = llm.generate_ids(first, params, stop_ids=set())
     follow = first + reply + [20, 21, 22]
     continued = llm.generate_ids(follow, params, stop_ids=set())
-    assert llm.stats().prompt_tokens == len(follow) - (len(first) + len(reply) - 1)
+    assert llm.stats().turn.prompt_tokens == len(follow) - (len(first) + len(reply) - 1)
     llm.reset()
     assert llm.generate_ids(follow, params, stop_ids=set()) == continued
-    assert llm.stats().prompt_tokens == len(follow)
+    assert llm.stats().turn.prompt_tokens == len(follow)

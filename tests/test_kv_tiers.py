@@ -53,9 +53,9 @@ def test_spilled_kv_matches_transformers_and_resident(tiny, tmp_path, monkeypatc
     assert (stepped - ref).abs().max().item() < TOL
     assert (whole - resident.logits(ids)).abs().max().item() < TOL
     s = llm.stats()
-    assert (s.kv_spilled_to_host_bytes > 0) == (host_blocks != 0)
-    assert (s.kv_spilled_to_disk_bytes > 0) == (host_blocks is not None)
-    assert (s.kv_attention_seconds["host"] > 0) == (host_blocks != 0)
+    assert (s.kv.spilled_to_host_bytes > 0) == (host_blocks != 0)
+    assert (s.kv.spilled_to_disk_bytes > 0) == (host_blocks is not None)
+    assert (s.kv.attention_seconds["host"] > 0) == (host_blocks != 0)
     llm.close()
 
 
@@ -73,8 +73,8 @@ def test_embedded_model_over_many_chunks_with_host_and_disk_tiers(embedded, tmp_
     embedded.reset()
     assert out == embedded.generate_ids(ids.tolist()[:500], SamplingParams(temperature=0, max_tokens=20), stop_ids=set())
     s = llm.stats()
-    assert s.kv_tokens_device + s.kv_tokens_host + s.kv_tokens_disk == 519
-    assert s.kv_tokens_host == 4 * 32 and s.kv_tokens_disk > 0 and s.kv_tokens_device <= 96
+    assert s.kv.tokens_device + s.kv.tokens_host + s.kv.tokens_disk == 519
+    assert s.kv.tokens_host == 4 * 32 and s.kv.tokens_disk > 0 and s.kv.tokens_device <= 96
     llm.close()
 
 
@@ -106,7 +106,7 @@ def test_8bit_kv_is_spilled_in_8_bit(tiny, tmp_path):
     q8 = moestream.load(path, cache_type_k="q8_0", cache_type_v="q8_0", **kw)
     ids = torch.randint(3, VOCAB, (60,), generator=torch.Generator().manual_seed(8))
     f32.logits(ids), q8.logits(ids)
-    a, b = f32.stats().kv_spilled_to_host_bytes, q8.stats().kv_spilled_to_host_bytes
+    a, b = f32.stats().kv.spilled_to_host_bytes, q8.stats().kv.spilled_to_host_bytes
     assert 0 < b < 0.4 * a  # int8 values + one fp32 scale per (token, head) of 16 dims: 20 / 64 bytes
 
 
@@ -119,7 +119,7 @@ kw = spill_budgets(path, hot=16, host_blocks=2, block=4, ubatch=6, disk=disk)
 llm = moestream.load(path, **kw)
 ids = torch.randint(3, 300, (80,), generator=torch.Generator().manual_seed(int(sys.argv[4])))
 open(out, "w").write(repr(llm.logits(ids).sum().item()))
-assert llm.stats().kv_spilled_to_disk_bytes > 0
+assert llm.stats().kv.spilled_to_disk_bytes > 0
 if sys.argv[5] == "die":  # mid-conversation (its blocks on disk), no close, no finalizers: as after a kill
     llm.generate_ids(ids.tolist(), SamplingParams(temperature=0, max_tokens=2))
     os._exit(0)

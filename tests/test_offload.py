@@ -16,9 +16,9 @@ import torch
 
 import moestream
 from moestream import MoestreamError
-from moestream.cache.experts import belady, lookahead_oracle, simulate
+from moestream.analysis.oracles import belady, lookahead_oracle, simulate
 from moestream.model.sampling import SamplingParams
-from moestream.scheduler.routing import load_trace
+from moestream.profiling.routing import load_trace
 
 from .conftest import VOCAB
 
@@ -63,11 +63,11 @@ def check_exact(reference, name, tmp_path, **offload):
 def test_cache_sizes_policies_prefetch_are_exact(reference, tmp_path, name, slots, policy, prefetch):
     stats = check_exact(reference, name, tmp_path, slots=slots, cache_policy=policy, prefetch=prefetch,
                         cpu_experts="never", cpu_mem=0)  # cpu_mem=0: every expert on the disk tier
-    assert stats.cache_slots == slots and stats.cpu_experts == 0
-    assert stats.expert_misses > 0 and stats.bytes_disk_to_host > 0
+    assert stats.experts.slots == slots and stats.experts.cpu_runs == 0
+    assert stats.experts.misses > 0 and stats.experts.bytes_disk_to_host > 0
     if prefetch:
-        assert set(stats.prefetch_recall) == {1, 2}
-        assert all(0 <= v <= 1 for v in stats.prefetch_recall.values())
+        assert set(stats.experts.prefetch_recall) == {1, 2}
+        assert all(0 <= v <= 1 for v in stats.experts.prefetch_recall.values())
 
 
 @pytest.mark.parametrize("offload", [
@@ -113,7 +113,7 @@ def test_cpu_only_layers_never_touch_the_cache(reference, tmp_path):
     llm = moestream.load(path, cpu_moe=True, expert_dir=tmp_path)
     llm.logits(PROMPT)
     s = llm.stats()
-    assert s.cache_slots == 0 and s.expert_fetches == 0 and s.cpu_experts > 0 and s.bytes_host_to_device == 0
+    assert s.experts.slots == 0 and s.experts.fetches == 0 and s.experts.cpu_runs > 0 and s.experts.bytes_host_to_device == 0
     llm.close()
 
 
@@ -129,11 +129,11 @@ def test_device_accounting_stays_within_gpu_mem(reference, tmp_path):
     seen = []  # the accounting after every decoded token, not just at the end
 
     def check(token):
-        seen.append(llm.stats().device_bytes)
+        seen.append(llm.stats().memory.device_bytes)
 
     llm.generate_ids(PROMPT.tolist(), SamplingParams(temperature=0, max_tokens=40), check, stop_ids=set())
     s = llm.stats()
-    assert s.gpu_mem == budget and 0 < s.device_bytes <= budget
+    assert s.memory.gpu_mem == budget and 0 < s.memory.device_bytes <= budget
     assert len(seen) == 40 and max(seen) <= budget
     llm.close()
 
@@ -277,7 +277,7 @@ def test_every_policy_is_at_most_min_on_a_recorded_trace(tmp_path):
     llm.generate([{"role": "user", "content": "Speak, speak."}], max_tokens=60, seed=0, ignore_eos=True)
     llm.close()
     trace = load_trace(trace_path)
-    assert trace.tokens == llm.stats().prompt_tokens + 59
+    assert trace.tokens == llm.stats().turn.prompt_tokens + 59
     assert any("predicted" in r for r in trace.records)
     accesses = trace.accesses()
     layers = trace.meta["moe_layers"]
@@ -319,7 +319,7 @@ def test_recorded_predictions_are_the_prefetchers_guesses(embedded, tmp_path):
                          record_routing=trace_path, expert_dir=tmp_path)
     ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Good morrow, my lord."}])
     llm.generate_ids(ids, SamplingParams(temperature=0.8, seed=0, max_tokens=40), stop_ids=set())
-    recall = llm.stats().prefetch_recall[1]
+    recall = llm.stats().experts.prefetch_recall[1]
     llm.close()
     recs = [json.loads(x) for x in trace_path.read_text().splitlines()[1:]]
     assert len(recs) == 40 * 8 and len({r["step"] for r in recs}) == 40
@@ -332,7 +332,7 @@ def test_recorded_predictions_are_the_prefetchers_guesses(embedded, tmp_path):
 
 
 def test_policies_have_distinct_victims():
-    from moestream.cache.experts import LFU, LRU, Predictive
+    from moestream.offload.policies import LFU, LRU, Predictive
 
     keys = [(0, 0), (0, 1), (0, 2)]
     lru, lfu, pred = LRU([0, 1]), LFU([0, 1]), Predictive([0, 1])
@@ -360,5 +360,5 @@ def test_prefill_needing_more_experts_than_a_layer_has_slots(embedded, tmp_path)
     assert llm.experts.cache.split == "per-layer"
     assert llm.generate_ids(first, params) == ref1
     assert llm.generate_ids(follow, params) == ref2
-    assert llm.stats().cpu_experts == 0
+    assert llm.stats().experts.cpu_runs == 0
     llm.close()

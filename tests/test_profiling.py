@@ -60,11 +60,11 @@ def test_token_spans_contain_their_layers_and_add_up(profiled):
 def test_summary_agrees_with_stats(profiled):
     out, stats = profiled
     s = json.loads((out / "summary.json").read_text())
-    assert s["stats"]["expert_hits"] == stats.expert_hits and s["stats"]["expert_misses"] == stats.expert_misses
-    assert s["hit_rate"] == pytest.approx(stats.hit_rate)
-    assert s["tokens"]["decode"] == stats.generated_tokens - 1 and s["tokens"]["prefill"] == stats.prompt_tokens
-    assert s["cpu_experts"] == stats.cpu_experts
-    assert s["kv_tokens"] == {"device": stats.kv_tokens_device, "host": stats.kv_tokens_host, "disk": stats.kv_tokens_disk}
+    assert s["stats"]["experts"]["hits"] == stats.experts.hits and s["stats"]["experts"]["misses"] == stats.experts.misses
+    assert s["hit_rate"] == pytest.approx(stats.experts.hit_rate)
+    assert s["tokens"]["decode"] == stats.turn.generated_tokens - 1 and s["tokens"]["prefill"] == stats.turn.prompt_tokens
+    assert s["cpu_runs"] == stats.experts.cpu_runs
+    assert s["kv_tokens"] == {"device": stats.kv.tokens_device, "host": stats.kv.tokens_host, "disk": stats.kv.tokens_disk}
     assert s["kv_tokens"]["host"] > 0
     lat = s["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]

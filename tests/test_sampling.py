@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moestream.errors import MoestreamError
-from moestream.model.sampling import SEED_MAX, SamplingParams, apply_repetition_penalty, sample
+from moestream.model.sampling import SEED_MAX, SamplingParams
+from moestream.scheduler.generate import apply_repetition_penalty, sample
 
 
 def logits():
@@ -139,16 +140,16 @@ def test_edge_values_are_accepted(field, value):
 ])
 def test_typed_text_is_parsed_then_checked(field, text, words):
     with pytest.raises(MoestreamError) as e:
-        SamplingParams.from_text(**{field: text})
+        SamplingParams.build(**{field: text})
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
 def test_typed_text_that_is_good():
-    p = SamplingParams.from_text(temperature=" 0 ", top_k="7", top_p="1", repetition_penalty="1.1", seed="none",
+    p = SamplingParams.build(temperature=" 0 ", top_k="7", top_p="1", repetition_penalty="1.1", seed="none",
                                  max_tokens="3", ignore_eos=True)
     assert p == SamplingParams(temperature=0.0, top_k=7, top_p=1.0, repetition_penalty=1.1, seed=None, max_tokens=3,
                                ignore_eos=True)
-    assert SamplingParams.from_text(seed=str(SEED_MAX)).seed == SEED_MAX
+    assert SamplingParams.build(seed=str(SEED_MAX)).seed == SEED_MAX
 
 
 def test_a_tiny_temperature_is_greedy_not_nan():

@@ -1,1 +1,1 @@
-"""Caches on the compute device: the KV cache (and, with offloading, the expert cache)."""
+"""The KV cache: one-chunk rings for the RoPE layers, device / host / disk tiers for the global ones."""

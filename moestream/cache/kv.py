@@ -36,6 +36,11 @@ from ..profiling.recorder import NULL
 KV_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "q8_0": torch.int8}
 
 
+def kv_type_for(dtype: torch.dtype) -> str:
+    """-ctk/-ctv auto: the compute dtype's KV type."""
+    return {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+
+
 def kv_type_bytes(kv_type: str, head_dim: int) -> float:
     """Bytes per (token, head) of one of K or V."""
     return head_dim + 4 if kv_type == "q8_0" else head_dim * torch.empty((), dtype=KV_TYPES[kv_type]).element_size()
@@ -162,6 +167,23 @@ class KVCounters:
     host_trials: dict = field(default_factory=dict)  # on_cpu -> seconds per token, measured
 
 
+@dataclass
+class KVStats:
+    """A conversation's KV cache: one group of llm.stats() (tokens per tier: of one global layer)."""
+
+    tokens: int = 0  # positions processed
+    tokens_device: int = 0
+    tokens_host: int = 0
+    tokens_disk: int = 0
+    device_bytes: int = 0
+    host_bytes: int = 0
+    spilled_to_host_bytes: int = 0
+    spilled_to_disk_bytes: int = 0
+    fetched_to_device_bytes: int = 0  # host blocks streamed to the device for attention
+    read_from_disk_bytes: int = 0
+    attention_seconds: dict = field(default_factory=dict)  # tier -> seconds of attention over it
+
+
 class KVDisk:
     """The disk tier: one file of moestream's own, held by one process, emptied for every conversation.
 
@@ -280,10 +302,10 @@ def _remove_kv_file(path: Path, fd: int, identity: tuple[int, int]) -> None:
 class ChunkKV:
     """Keys/values of the current chunk only: a fixed buffer of `chunk` slots on the device."""
 
-    def __init__(self, chunk: int, kv_heads: int, head_dim: int, device, dtype, layout: KVLayout):
+    def __init__(self, chunk: int, kv_heads: int, head_dim: int, device, dtype, layout: KVLayout, rec=NULL):
         self.chunk, self.dtype = chunk, dtype
         self.store = KVPair(chunk, kv_heads, head_dim, layout.k_type, layout.v_type, device)
-        self.rec = NULL
+        self.rec = rec
         self.start = 0  # absolute position of slot 0
         self.n = 0  # filled slots
 
@@ -318,12 +340,12 @@ class ChunkKV:
 class GlobalKV:
     """Every token's keys/values: a hot window on the device, older blocks on host RAM, then disk."""
 
-    def __init__(self, layer: int, kv_heads: int, head_dim: int, device, dtype, layout: KVLayout,
+    def __init__(self, layer: int, kv_heads: int, head_dim: int, device, dtype, layout: KVLayout, rec,
                  disk: KVDisk | None, counters: KVCounters):
         self.layer, self.device, self.dtype, self.layout = layer, torch.device(device), dtype, layout
         self.heads, self.head_dim = kv_heads, head_dim
         self.disk, self.counters = disk, counters
-        self.rec = NULL
+        self.rec = rec
         self.pin = self.device.type == "cuda"
         first = min(layout.max_tokens, layout.hot_tokens or 256, 256)
         self.hot = KVPair(max(first, 1), kv_heads, head_dim, layout.k_type, layout.v_type, device)
@@ -478,9 +500,8 @@ class KVCache:
     disk: the KV disk file the LLM opened and locked at load (held for its life); the cache starts it
     empty. Without one, a layout that names a disk file and spills opens (and owns) its own."""
 
-    def __init__(self, config, device, dtype, layout: KVLayout | None = None, disk: KVDisk | None = None):
-        default = "f32" if dtype == torch.float32 else "bf16" if dtype == torch.bfloat16 else "f16"
-        self.layout = layout or KVLayout(default, default)
+    def __init__(self, config, device, dtype, layout: KVLayout | None = None, disk: KVDisk | None = None, rec=NULL):
+        self.layout = layout or KVLayout(kv_type_for(dtype), kv_type_for(dtype))
         self.counters = KVCounters()
         self.owns_disk = disk is None and self.layout.disk is not None and bool(self.layout.hot_tokens)
         if self.owns_disk:
@@ -489,9 +510,10 @@ class KVCache:
             disk.reset()  # a new conversation: no block of an earlier one is ever read
         self.disk = disk
         self.layers = [
-            ChunkKV(config.attention_chunk_size, config.num_key_value_heads, config.head_dim, device, dtype, self.layout)
+            ChunkKV(config.attention_chunk_size, config.num_key_value_heads, config.head_dim, device, dtype, self.layout, rec)
             if config.uses_rope(i)
-            else GlobalKV(i, config.num_key_value_heads, config.head_dim, device, dtype, self.layout, self.disk, self.counters)
+            else GlobalKV(i, config.num_key_value_heads, config.head_dim, device, dtype, self.layout, rec, self.disk,
+                          self.counters)
             for i in range(config.num_hidden_layers)
         ]
         self.first_global = next((layer for layer in self.layers if isinstance(layer, GlobalKV)), None)
@@ -515,9 +537,11 @@ class KVCache:
             return {"device": self.pos, "host": 0, "disk": 0}
         return {"device": g.n_hot, "host": g.n_host, "disk": len(g.disk_blocks) * self.layout.block}
 
-    def set_recorder(self, rec) -> None:
-        for layer in self.layers:
-            layer.rec = rec
+    def snapshot(self) -> KVStats:
+        tiers, c = self.tokens_by_tier(), self.counters
+        return KVStats(self.pos, tiers["device"], tiers["host"], tiers["disk"], self.nbytes, self.host_bytes,
+                       c.spilled_to_host_bytes, c.spilled_to_disk_bytes, c.fetched_to_device_bytes,
+                       c.read_from_disk_bytes, dict(c.seconds))
 
     def close(self) -> None:
         """Drop the conversation's disk blocks: an owned file is removed, a lent one emptied."""

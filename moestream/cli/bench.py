@@ -22,9 +22,11 @@ from pathlib import Path
 
 import click
 
-from ..config import parse_size, positive_number
+from ..units import parse_size, positive_number
 from ..errors import MoestreamError
-from .main import build_runtime, cli, register, runtime_options
+from ..config import RuntimeConfig
+from ..model.sampling import SamplingParams
+from .app import cli, register, runtime_options
 
 
 def _counts(text: str, what: str) -> list[int]:
@@ -41,8 +43,6 @@ def run_test(llm, n_prompt: int, n_gen: int, depth: int, seed: int) -> dict:
     """One repetition: returns tokens/s and the counter deltas of the timed part."""
     import torch
 
-    from ..model.sampling import SamplingParams
-
     g = torch.Generator().manual_seed(seed)
     vocab = llm.config.vocab_size
     prefix = torch.randint(0, vocab, (depth + 1,), generator=g).tolist()
@@ -53,13 +53,14 @@ def run_test(llm, n_prompt: int, n_gen: int, depth: int, seed: int) -> dict:
     body = prefix + torch.randint(0, vocab, (n_prompt,), generator=g).tolist()
     llm.generate_ids(body, SamplingParams(temperature=0, max_tokens=n_gen + 1), stop_ids=set())
     s = llm.stats()
-    seconds = (s.prompt_seconds if n_prompt else 0.0) + (s.generation_seconds if n_gen else 0.0)
+    t, e, e0 = s.turn, s.experts, before.experts
+    seconds = (t.prompt_seconds if n_prompt else 0.0) + (t.generation_seconds if n_gen else 0.0)
     tokens = n_prompt + n_gen
-    hits, misses = s.expert_hits - before.expert_hits, s.expert_misses - before.expert_misses
-    moved = (s.bytes_host_to_device - before.bytes_host_to_device) + (s.bytes_disk_to_host - before.bytes_disk_to_host)
+    hits, misses = e.hits - e0.hits, e.misses - e0.misses
+    moved = (e.bytes_host_to_device - e0.bytes_host_to_device) + (e.bytes_disk_to_host - e0.bytes_disk_to_host)
     return {"tps": tokens / seconds if seconds else 0.0, "hit": hits / (hits + misses) if hits + misses else None,
             "gb_per_token": moved / 1e9 / max(1, tokens),
-            "stall": (s.stall_seconds - before.stall_seconds) / seconds if seconds else 0.0}
+            "stall": (e.stall_seconds - e0.stall_seconds) / seconds if seconds else 0.0}
 
 
 def model_facts(llm) -> dict:
@@ -102,7 +103,7 @@ def bench(ctx, n_prompt, n_gen, pg, n_depth, repetitions, output, synthetic, lay
         raise MoestreamError("--layers only applies to --synthetic models: add --synthetic scout|maverick|tiny, or drop --layers")
     longest = max(d + p + g for d in depths for _, p, g in tests) + 2  # the depth prefix and last sample take one each
     for combo in itertools.product(*sweeps.values()):  # every combination's flags checked before the first run
-        runtime = build_runtime(dict(zip(sweeps, combo)))
+        runtime = RuntimeConfig.build(**dict(zip(sweeps, combo)))
         if runtime.ctx_size and runtime.ctx_size < longest:
             raise MoestreamError(f"-c {runtime.ctx_size} is too small for these tests: the longest needs {longest} tokens "
                                  f"(depth + prompt + generated + 2): use -c {longest} or more, or leave -c out")
@@ -125,13 +126,13 @@ def bench(ctx, n_prompt, n_gen, pg, n_depth, repetitions, output, synthetic, lay
         if synthetic:
             from ..model.synthetic import SyntheticCheckpoint
 
-            dtype = {"auto": torch.bfloat16, "float32": torch.float32}.get(values["dtype"], torch.bfloat16)
+            dtype = {"auto": torch.bfloat16, "float32": torch.float32}.get(values.get("dtype", "auto"), torch.bfloat16)
             checkpoint = SyntheticCheckpoint(synthetic, layers, dtype)
-            values["path"] = str(checkpoint.path)
-        runtime = build_runtime(values)
+            values["model"] = str(checkpoint.path)
+        runtime = RuntimeConfig.build(**values)
         if not runtime.ctx_size:
             values["ctx_size"] = str(longest)
-            runtime = build_runtime(values)
+            runtime = RuntimeConfig.build(**values)
         llm = register(LLM(runtime, checkpoint=checkpoint))
         facts = model_facts(llm)
         for (kind, n_p, n_g), depth in itertools.product(tests, depths):
@@ -184,7 +185,7 @@ def render(rows: list[dict], fmt: str, swept: list[str]) -> str:
 @click.option("--cpu-expert-ms", type=float, default=None, help="One expert on the CPU (omit: never use the CPU).")
 def replay(trace, expert_cache, slots, link_gbps, expert_ms, layer_ms, cpu_expert_ms):
     """Replay a --record-routing TRACE through every cache policy and Belady's MIN."""
-    from ..scheduler.routing import load_trace
+    from ..profiling.routing import load_trace
 
     link_gbps = positive_number(link_gbps, "--link-gbps")
     for value, flag in ((expert_ms, "--expert-ms"), (layer_ms, "--layer-ms"), (cpu_expert_ms, "--cpu-expert-ms")):
@@ -202,7 +203,7 @@ def replay(trace, expert_cache, slots, link_gbps, expert_ms, layer_ms, cpu_exper
         slots = max(1, n_experts // 4)
     elif slots < 1:
         raise MoestreamError(f"--slots {slots}: the cache needs at least 1 slot")
-    from ..scheduler.replay import CostSettings, replay as run_replay
+    from ..analysis.replay import CostSettings, replay as run_replay
 
     cost = CostSettings(link_gbps, expert_ms, layer_ms, cpu_expert_ms)
     rows = run_replay(t, slots, cost)

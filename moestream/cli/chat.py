@@ -17,8 +17,10 @@ from pathlib import Path
 import click
 
 from ..errors import ContextFull, MoestreamError
-from ..scheduler.plan import fmt_bytes
-from .main import cli, runtime_options, sampling_options
+from ..files import atomic_write, cache_dir, read_limited
+from ..model.sampling import SamplingParams
+from ..units import fmt_bytes
+from .app import cli, register, runtime_options, sampling_options
 
 SESSION_FORMAT = "moestream-chat/1"
 HELP = """commands:
@@ -143,8 +145,6 @@ class ChatSession:
         """/set KEY VALUE: the value is checked by SamplingParams, as a flag's is."""
         from dataclasses import replace
 
-        from ..model.sampling import SamplingParams
-
         key, _, value = args.strip().partition(" ")
         key, value = {"temp": "temperature", "repetition_penalty": "repeat_penalty"}.get(key, key), value.strip()
         if key not in SETTABLE or not value:
@@ -187,8 +187,7 @@ class ChatSession:
     def read_file(self, path: str) -> str:
         """/read FILE: a regular UTF-8 text file of at most 1 MiB (never a FIFO or a device that could hang
         or never end)."""
-        from ..files import read_limited
-
+    
         if not path:
             raise ChatError("usage: /read FILE")
         data = read_limited(path, READ_LIMIT, "/read", "send a shorter text file")
@@ -206,10 +205,11 @@ class ChatSession:
         t = Table(title="runtime counters", show_header=True, header_style="bold")
         t.add_column("counter")
         t.add_column("value", justify="right")
-        for key, value in self.llm.stats().as_dict().items():
-            if isinstance(value, float):
-                value = f"{value:.4g}"
-            t.add_row(key, str(value))
+        for group, counters in self.llm.stats().as_dict().items():
+            for key, value in counters.items() if isinstance(counters, dict) else [("", counters)]:
+                if isinstance(value, float):
+                    value = f"{value:.4g}"
+                t.add_row(f"{group}.{key}" if key else group, str(value))
         return t
 
     def show(self) -> str:
@@ -261,7 +261,6 @@ def parse_session(data: bytes):
 
 def is_session_file(path: Path) -> bool:
     """`ours` for /save: only a file with our format marker is replaced."""
-    from ..files import read_limited
 
     try:
         data = parse_session(read_limited(path, SESSION_LIMIT, "/save", "choose another file name"))
@@ -272,8 +271,6 @@ def is_session_file(path: Path) -> bool:
 
 def read_session(path: str) -> tuple[list[dict], str | None, dict]:
     """(messages, system, settings) of a saved chat, checked against the format; one line if not."""
-    from ..files import read_limited
-    from ..model.sampling import SamplingParams
 
     data = read_limited(path, SESSION_LIMIT, "/load", "give the path of a file /save wrote")
 
@@ -314,7 +311,6 @@ def report_crash(e: BaseException) -> str:
     import time
     import traceback
 
-    from ..files import atomic_write, cache_dir
 
     first = (str(e).strip().splitlines() or [""])[0][:200].encode("utf-8", "replace").decode("utf-8")
     what = f"{type(e).__name__}: {first}" if first else type(e).__name__
@@ -330,29 +326,31 @@ def report_crash(e: BaseException) -> str:
 
 def status_line(s) -> str:
     """The dim line after each reply."""
-    parts = [f"Prompt: {s.prompt_tps:.1f} t/s", f"Generation: {s.generation_tps:.1f} t/s"]
-    if s.cache_slots or s.cpu_experts:
-        prefetch = s.prefetch_hits / s.expert_hits if s.expert_hits else 0.0
-        moved = (s.bytes_host_to_device + s.bytes_disk_to_host) / 1e9
-        parts.append(f"experts: hit {100 * s.hit_rate:.0f}% · prefetch {100 * prefetch:.0f}% · {moved:.2f} GB moved")
+    e, t = s.experts, s.turn
+    parts = [f"Prompt: {t.prompt_tps:.1f} t/s", f"Generation: {t.generation_tps:.1f} t/s"]
+    if e.slots or e.cpu_runs:
+        prefetch = e.prefetch_hits / e.hits if e.hits else 0.0
+        moved = (e.bytes_host_to_device + e.bytes_disk_to_host) / 1e9
+        parts.append(f"experts: hit {100 * e.hit_rate:.0f}% · prefetch {100 * prefetch:.0f}% · {moved:.2f} GB moved")
     else:
         parts.append("experts: all resident")
-    parts.append(f"KV: {s.kv_tokens} tok ({s.kv_tokens_host + s.kv_tokens_disk} on host)")
+    parts.append(f"KV: {s.kv.tokens} tok ({s.kv.tokens_host + s.kv.tokens_disk} on host)")
     return "[ " + " | ".join(parts) + " ]"
 
 
 def verbose_block(s) -> str:
     """ollama --verbose's block."""
-    total = s.prompt_seconds + s.generation_seconds
+    t = s.turn
+    total = t.prompt_seconds + t.generation_seconds
     return "\n".join([
         f"total duration:       {total:.2f}s",
         f"load duration:        {1e3 * s.load_seconds:.1f}ms",
-        f"prompt eval count:    {s.prompt_tokens} token(s)",
-        f"prompt eval duration: {s.prompt_seconds:.2f}s",
-        f"prompt eval rate:     {s.prompt_tps:.2f} tokens/s",
-        f"eval count:           {s.generated_tokens} token(s)",
-        f"eval duration:        {s.generation_seconds:.2f}s",
-        f"eval rate:            {s.generation_tps:.2f} tokens/s",
+        f"prompt eval count:    {t.prompt_tokens} token(s)",
+        f"prompt eval duration: {t.prompt_seconds:.2f}s",
+        f"prompt eval rate:     {t.prompt_tps:.2f} tokens/s",
+        f"eval count:           {t.generated_tokens} token(s)",
+        f"eval duration:        {t.generation_seconds:.2f}s",
+        f"eval rate:            {t.generation_tps:.2f} tokens/s",
     ])
 
 
@@ -363,17 +361,18 @@ def memory_table(llm) -> Table:
     from rich.table import Table
 
     s = llm.stats()
+    m = s.memory
     t = Table(title="memory breakdown (MiB)", header_style="bold")
     for col in ("device", "model", "experts cached", "KV", "free"):
         t.add_column(col, justify="right" if col != "device" else "left")
     mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
     if llm.device.type == "cuda":
         free = torch.cuda.mem_get_info(llm.device)[0]
-        t.add_row(f"{llm.device} ({torch.cuda.get_device_name(llm.device)})", mib(s.resident_bytes), mib(s.expert_bytes),
-                  mib(s.kv_bytes), mib(free))
-        t.add_row("host", "-", mib(s.host_expert_bytes), mib(s.kv_host_bytes), mib(psutil.virtual_memory().available))
+        t.add_row(f"{llm.device} ({torch.cuda.get_device_name(llm.device)})", mib(m.resident_bytes), mib(m.expert_bytes),
+                  mib(m.kv_bytes), mib(free))
+        t.add_row("host", "-", mib(s.experts.host_bytes), mib(s.kv.host_bytes), mib(psutil.virtual_memory().available))
     else:
-        t.add_row("cpu", mib(s.resident_bytes), mib(s.expert_bytes + s.host_expert_bytes), mib(s.kv_bytes + s.kv_host_bytes),
+        t.add_row("cpu", mib(m.resident_bytes), mib(m.expert_bytes + s.experts.host_bytes), mib(m.kv_bytes + s.kv.host_bytes),
                   mib(psutil.virtual_memory().available))
     return t
 
@@ -383,7 +382,6 @@ def load_with_progress(runtime, console: Console):
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     from ..llm import LLM
-    from .main import register
 
     columns = (TextColumn("placing experts"), BarColumn(), DownloadColumn())
     with Progress(*columns, console=console, transient=True) as bar:
@@ -412,8 +410,7 @@ def chat(system_prompt, system_prompt_file, verbose, runtime, params):
 
     console = Console(highlight=False)
     if system_prompt_file:
-        from ..files import read_limited
-
+    
         data = read_limited(system_prompt_file, READ_LIMIT, "-sysf", "give a shorter text file")
         try:
             system_prompt = data.decode("utf-8").strip()

@@ -8,11 +8,11 @@ import sys
 import click
 
 from ..errors import MoestreamError
-from .main import cli, load_llm, runtime_options, sampling_options
+from .app import cli, load_llm, runtime_options, sampling_options
 
 
-def timing_lines(stats) -> str:
-    """llama.cpp's two timing lines, which users already read."""
+def timing_lines(turn) -> str:
+    """llama.cpp's two timing lines of a reply (a TurnStats), which users already read."""
     def line(label, seconds, n, unit):
         ms = seconds * 1000
         per = ms / n if n else 0.0
@@ -20,8 +20,8 @@ def timing_lines(stats) -> str:
         return f"{label} = {ms:10.2f} ms / {n:5d} {unit} ({per:8.2f} ms per token, {tps:8.2f} tokens per second)"
 
     return "\n".join([
-        line("prompt eval time", stats.prompt_seconds, stats.prompt_tokens, "tokens"),
-        line("       eval time", stats.generation_seconds, stats.generated_tokens, "runs  "),
+        line("prompt eval time", turn.prompt_seconds, turn.prompt_tokens, "tokens"),
+        line("       eval time", turn.generation_seconds, turn.generated_tokens, "runs  "),
     ])
 
 
@@ -63,8 +63,9 @@ def generate(prompt, prompt_file, chat, system_prompt, as_json, runtime, params)
     stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     text = llm.complete(request, params, stream=stream)
     stats = llm.stats()
-    if as_json:
-        click.echo(json.dumps({"text": text, **{k: v for k, v in stats.as_dict().items()}}))
+    if as_json:  # the reply's timings at the top, as scripts read them; every counter under "stats"
+        d = stats.as_dict()
+        click.echo(json.dumps({"text": text, **d["turn"], "stats": d}))
     else:
         sys.stdout.write("\n")
-        click.echo(timing_lines(stats), err=True)
+        click.echo(timing_lines(stats.turn), err=True)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import click
 
-from ..config import DEFAULT_CTX, DEFAULT_MODEL, fmt_in, fmt_size, is_binary, positive_number
+from ..config import DEFAULT_CTX, DEFAULT_MODEL
 from ..errors import MoestreamError
 from ..model.config import ModelConfig, misused_model_path
-from ..scheduler.plan import (EXPERT_DTYPE_BYTES, HF_IDS, PRESETS, fmt_bytes, kv_token_bytes, largest_context,
-                              make_plan)
-from .main import cli, runtime_options
+from ..model.presets import EXPERT_DTYPE_BYTES, HF_IDS, PRESETS
+from ..units import fmt_bytes, fmt_in, fmt_size, is_binary, positive_number
+from ..scheduler.plan import default_cpu_mem, default_gpu_mem, kv_token_bytes, largest_context, make_plan
+from .app import cli, runtime_options
 
 DEFAULT_GPU = 80 * 2**30  # one H100 when --gpu-mem is not given and no GPU is visible
 MAX_GPUS = 64  # beyond 8 nodes of 8 GPUs, launch lines are not advice
@@ -73,17 +74,16 @@ def plan(preset, expert_dtype, link_gbps, disk_gbps, as_json, runtime):
     max_ctx = config.max_position_embeddings
     if runtime.ctx_size > max_ctx:
         raise MoestreamError(f"context size {runtime.ctx_size} exceeds this model's maximum of {max_ctx} tokens: use -c {max_ctx} or less")
-    import psutil
     import torch
 
     assumed = []
     gpu = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if runtime.gpu_mem is None:
-        gpu_mem = int(torch.cuda.mem_get_info()[0] * 0.9) if gpu.type == "cuda" else DEFAULT_GPU
+        gpu_mem = default_gpu_mem(gpu) or DEFAULT_GPU
         assumed.append(f"--gpu-mem {fmt_bytes(gpu_mem)} ({'90% of the free GPU memory' if gpu.type == 'cuda' else 'one 80 GiB GPU assumed'})")
         runtime = replace(runtime, gpu_mem=gpu_mem)
     if runtime.cpu_mem is None:
-        cpu_mem = int(psutil.virtual_memory().available * 0.8)
+        cpu_mem = default_cpu_mem()
         assumed.append(f"--cpu-mem {fmt_bytes(cpu_mem)} (80% of this machine's available RAM)")
         runtime = replace(runtime, cpu_mem=cpu_mem)
     dtype = torch.bfloat16

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..errors import MoestreamError
 from ..files import describe_os_error
 from ..profiling.report import PLOTS_HINT, plots, summary_problem, summary_rows
-from .main import cli
+from .app import cli
 
 
 @cli.command()

@@ -1,1 +1,2 @@
-"""The Llama 4 architecture: config dialects, checkpoint reading, the model, tokenizer, sampling."""
+"""The Llama 4 architecture: config dialects, presets, checkpoint reading, the experts seam, the
+model, tokenizer and sampling settings."""

@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from ..errors import MoestreamError
 from .config import ModelConfig, misused_model_path
+from .experts import pack_into
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32,
@@ -32,6 +33,14 @@ SAFETENSORS_DTYPES = {
 }
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 IGNORED_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+
+@dataclass
+class CheckpointStats:
+    """What was read of the routed experts: proves laziness (a token reads only its experts)."""
+
+    expert_reads: int = 0  # experts sliced out of the files
+    expert_bytes_read: int = 0
 
 
 @dataclass
@@ -128,12 +137,6 @@ def check_entries(path: Path, header: dict, data_bytes: int) -> None:
         at, previous = end, key
     if at != data_bytes:
         raise MoestreamError(f"{path.name} is corrupt: {data_bytes - at} bytes follow its last tensor; re-download it")
-
-
-def pack_into(out: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-    """Write one expert into a flat buffer in the packed layout [gate_up (D x 2F) | down (F x D)]."""
-    out[:gate_up.numel()].copy_(gate_up.flatten())
-    out[gate_up.numel():].copy_(down.flatten())
 
 
 def text_name(key: str) -> str | None:
@@ -348,6 +351,9 @@ class Checkpoint:
             pos += nbytes
         self.expert_reads += 1
         self.expert_bytes_read += pos
+
+    def snapshot(self) -> CheckpointStats:
+        return CheckpointStats(self.expert_reads, self.expert_bytes_read)
 
     def fingerprint(self) -> str:
         """Identifies these exact weight files (names, sizes, modification times)."""

@@ -7,8 +7,10 @@ where ffn is a dense SwiGLU MLP or a mixture of experts, and attention is one of
 - NoPE layers (every 4th by default): no positions, *global* causal attention, and optionally a
   query temperature that grows with log(position) so long contexts stay sharp.
 The MoE block routes each token to its top-k experts by router logit, scales the expert *input*
-by sigmoid(logit), and adds an always-on shared expert. Routed experts are fetched through
-`experts.get(layer, e)`, the seam the offload engine plugs into.
+by sigmoid(logit), and adds an always-on shared expert. Routed experts come through the experts
+seam (model/experts.py), the only place the model knows they might not be resident; the KV cache
+is another object's (cache/kv.py): attention hands a layer's cache its new keys and gets the
+output back, never seeing tiers.
 
 Shapes: a sequence is [T, D] (one sequence at a time, as a runtime serves it); heads are [T, H, hd].
 The pure functions at the top are reused by scripts/train_tiny.py with a batch dimension in front.
@@ -22,11 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..cache.kv import KVCache
 from ..profiling.recorder import NULL
 from .attention import attend
 from .checkpoint import Checkpoint
 from .config import ModelConfig
+from .experts import ExpertSource
 
 
 # --- building blocks (shape-agnostic in the leading dimensions) ----------------------------------
@@ -117,19 +119,75 @@ class Block:
     ffn: MLPWeights | MoEWeights
 
 
+@dataclass
+class Weights:
+    """Everything held outside the expert store: attention, norms, routers, shared/dense MLPs, embeddings."""
+
+    blocks: list[Block]
+    embed: torch.Tensor
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+
+    def routers(self) -> dict[int, torch.Tensor]:
+        """Each MoE layer's router, by layer (the prefetcher applies them ahead of time)."""
+        return {b.index: b.ffn.router for b in self.blocks if isinstance(b.ffn, MoEWeights)}
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every weight, tied embeddings counted once."""
+        def flat(obj):
+            for value in vars(obj).values():
+                if isinstance(value, torch.Tensor):
+                    yield value
+                elif hasattr(value, "__dataclass_fields__"):
+                    yield from flat(value)
+
+        tensors = [self.embed, self.norm, self.lm_head] + [t for b in self.blocks for t in flat(b)]
+        return list({t.data_ptr(): t for t in tensors}.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def load_weights(ckpt: Checkpoint, device, dtype) -> Weights:
+    """The resident weights, read from the checkpoint onto the compute device (never a routed expert)."""
+    def w(name: str) -> torch.Tensor:
+        return ckpt.read(name).to(device=device, dtype=dtype)
+
+    def mlp(prefix: str) -> MLPWeights:
+        return MLPWeights(torch.cat([w(prefix + "gate_proj.weight"), w(prefix + "up_proj.weight")]), w(prefix + "down_proj.weight"))
+
+    blocks = []
+    for i in range(ckpt.config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        qkv = torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        attn = AttentionWeights(qkv, w(p + "self_attn.o_proj.weight"))
+        if ckpt.config.is_moe(i):
+            ffn = MoEWeights(w(p + "feed_forward.router.weight"), mlp(p + "feed_forward.shared_expert."))
+        else:
+            ffn = mlp(p + "feed_forward.")
+        blocks.append(Block(i, w(p + "input_layernorm.weight"), attn, w(p + "post_attention_layernorm.weight"), ffn))
+    return Weights(blocks, w("model.embed_tokens.weight"), w("model.norm.weight"), w("lm_head.weight"))
+
+
 # --- the model -----------------------------------------------------------------------------------
 class Llama4:
-    """Resident weights (attention, norms, routers, shared/dense MLPs, embeddings) + an expert source."""
+    """Resident weights + an expert source, run one sequence step at a time.
 
-    def __init__(self, config: ModelConfig, blocks, embed, norm, lm_head, experts, device, dtype):
-        self.config, self.blocks = config, blocks
-        self.embed, self.norm, self.lm_head = embed, norm, lm_head
-        self.experts = experts  # anything with .get(layer, e) -> callable expert
+    experts: the expert source (model/experts.py); rec: the profiling recorder (NULL = off);
+    on_route: an optional hook called with (layer, experts [T, k], scores [T, k]) at every MoE layer
+    (the routing trace's buffer append)."""
+
+    def __init__(self, config: ModelConfig, weights: Weights, experts: ExpertSource, device, dtype, rec=NULL,
+                 on_route=None):
+        self.config, self.blocks = config, weights.blocks
+        self.embed, self.norm, self.lm_head = weights.embed, weights.norm, weights.lm_head
+        self.experts = experts
         self.device, self.dtype = torch.device(device), dtype
         self.inv_freq = rope_inv_freq(config).to(self.device)
-        self.on_route = None  # optional hook((layer, experts [T, k], scores [T, k])) for routing traces
-        self.rec = NULL  # profiling recorder (spans); NULL when profiling is off
-        self.resident_bytes = sum(t.numel() * t.element_size() for t in self.resident_tensors())
+        self.on_route = on_route
+        self.rec = rec
+        self.resident_bytes = weights.nbytes
         self.position_tables = None  # (first position, positions, RoPE rotations, NoPE temperatures)
 
     POSITION_BLOCK = 1024
@@ -146,44 +204,10 @@ class Llama4:
         i = pos0 - tables[0]
         return tables[1][i:i + T], tables[2][i:i + T], tables[3][i:i + T]
 
-    def resident_tensors(self) -> list[torch.Tensor]:
-        """Every weight held outside the expert store (tied embeddings counted once)."""
-        def flat(obj):
-            for value in vars(obj).values():
-                if isinstance(value, torch.Tensor):
-                    yield value
-                elif hasattr(value, "__dataclass_fields__"):
-                    yield from flat(value)
-
-        tensors = [self.embed, self.norm, self.lm_head] + [t for b in self.blocks for t in flat(b)]
-        return list({t.data_ptr(): t for t in tensors}.values())
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, experts, device, dtype) -> "Llama4":
-        def w(name: str) -> torch.Tensor:
-            return ckpt.read(name).to(device=device, dtype=dtype)
-
-        def mlp(prefix: str) -> MLPWeights:
-            return MLPWeights(torch.cat([w(prefix + "gate_proj.weight"), w(prefix + "up_proj.weight")]), w(prefix + "down_proj.weight"))
-
-        blocks = []
-        for i in range(ckpt.config.num_hidden_layers):
-            p = f"model.layers.{i}."
-            qkv = torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-            attn = AttentionWeights(qkv, w(p + "self_attn.o_proj.weight"))
-            if ckpt.config.is_moe(i):
-                ffn = MoEWeights(w(p + "feed_forward.router.weight"), mlp(p + "feed_forward.shared_expert."))
-            else:
-                ffn = mlp(p + "feed_forward.")
-            blocks.append(Block(i, w(p + "input_layernorm.weight"), attn, w(p + "post_attention_layernorm.weight"), ffn))
-        return cls(
-            ckpt.config, blocks, w("model.embed_tokens.weight"), w("model.norm.weight"), w("lm_head.weight"),
-            experts, device, dtype,
-        )
-
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits (float32) for token ids [T] continuing `cache` (None = a fresh sequence, no cache)."""
+    def forward(self, ids: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+        """Logits (float32) for token ids [T] continuing `cache` (a KVCache: its `pos` and one cache per
+        layer; None = a fresh sequence, no cache)."""
         rec = self.rec  # profiling: rec.mark() reads the clock, rec.add(span) keeps one (builtins; no-ops when off)
         t = rec.mark()
         pos0 = cache.pos if cache is not None else 0

@@ -1,4 +1,8 @@
-"""Next-token choice from logits: greedy, temperature, top-k, top-p, repetition penalty, seed."""
+"""Sampling settings: temperature, top-k, top-p, repetition penalty, seed, max tokens, end-of-turn.
+
+Declared once (flags, help, parsers: moestream/config.py `setting`) and checked when made; the
+token choice itself is in scheduler/generate.py. No torch here: `moestream --help` builds its options
+from these declarations."""
 
 from __future__ import annotations
 
@@ -6,17 +10,51 @@ import math
 import numbers
 from dataclasses import dataclass
 
-import torch
-
+from ..config import build_settings, setting, settings_of
 from ..errors import MoestreamError
 
 SEED_MAX = 2**63 - 1
 MIN_TEMPERATURE = 1e-6  # logits of |x| < 1e4 divided by it stay far inside float32's range
 PENALTY_MIN, PENALTY_MAX = 0.01, 100.0  # beyond these, float32 logits divided or multiplied become 0 or inf
-KINDS = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float, "seed": int,
-         "max_tokens": int, "ignore_eos": bool}
-LABELS = {"temperature": "temperature", "top_k": "top-k", "top_p": "top-p", "repetition_penalty": "repeat penalty",
-          "seed": "seed", "max_tokens": "max tokens", "ignore_eos": "ignore-eos"}
+
+
+def typed_real(value, label: str):
+    """Typed text to a float; anything else as given (the class checks it)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value.strip())
+    except ValueError:
+        raise MoestreamError(f"{label} needs a number, not {shown(value.strip())}") from None
+
+
+def typed_whole(value, label: str):
+    if not isinstance(value, str):
+        return value
+    try:
+        return int(value.strip(), 10)
+    except ValueError:
+        raise MoestreamError(f"{label} needs a whole number, not {shown(value.strip())}") from None
+
+
+def typed_seed(value, label: str):
+    if isinstance(value, str) and value.strip().lower() in ("none", "random"):
+        return None
+    try:
+        return typed_whole(value, label)
+    except MoestreamError:
+        raise MoestreamError(f"{label} needs a whole number or none, not {shown(value.strip())}") from None
+
+
+def typed_bool(value, label: str):
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise MoestreamError(f"{label} needs true or false, not {shown(value.strip())}")
 
 
 @dataclass(frozen=True)
@@ -25,13 +63,19 @@ class SamplingParams:
     chat /set and /load) builds one, so a bad value is one line up front, never NaN logits later.
     Frozen, so a checked object stays checked (change one with dataclasses.replace, which re-checks)."""
 
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int = 40  # 0 = off
-    top_p: float = 0.95  # 1.0 = off
-    repetition_penalty: float = 1.0  # 1.0 = off; >1 discourages tokens already in the sequence
-    seed: int | None = None
-    max_tokens: int = 256
-    ignore_eos: bool = False  # keep generating past end-of-turn tokens (benchmarks, tests)
+    temperature: float = setting(0.8, "--temp", parse=typed_real, name="temperature", metavar="T",
+                                 help="Sampling temperature (0 = greedy).")
+    top_k: int = setting(40, "--top-k", parse=typed_whole, name="top-k", metavar="N", help="0 = off.")
+    top_p: float = setting(0.95, "--top-p", parse=typed_real, name="top-p", metavar="P", help="In (0, 1]; 1.0 = off.")
+    repetition_penalty: float = setting(1.0, "--repeat-penalty", parse=typed_real, name="repeat penalty", metavar="X",
+                                        help=f"{PENALTY_MIN} to {PENALTY_MAX:g}; 1.0 = off; > 1 discourages tokens "
+                                             "already in the sequence.")
+    seed: int | None = setting(None, "-s", "--seed", parse=typed_seed, name="seed", metavar="N",
+                               help="Random seed for reproducible sampling (0 to 2^63-1).")
+    max_tokens: int = setting(256, "-n", "--n-predict", parse=typed_whole, name="max tokens", metavar="N",
+                              help="Maximum tokens to generate (at least 1).")
+    ignore_eos: bool = setting(False, "--ignore-eos", switch=True, parse=typed_bool, name="ignore-eos",
+                               help="Keep generating past end-of-turn tokens (benchmarks, tests).")
 
     def __post_init__(self):
         t, k, p, r, s, n = (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed,
@@ -52,32 +96,20 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise MoestreamError(f"ignore-eos {shown(self.ignore_eos)} must be true or false")
 
-    @staticmethod
-    def parse(name: str, text: str):
+    @classmethod
+    def parse(cls, name: str, text: str):
         """A setting's value from what a person typed (a flag, /set), in the field's type; checked when
         the SamplingParams is made."""
-        if name not in KINDS:
-            raise MoestreamError(f"{shown(name)} is not a sampling setting: use one of {', '.join(KINDS)}")
-        kind, text, label = KINDS[name], str(text).strip(), LABELS[name]
-        if kind is bool:
-            if text.lower() in ("true", "yes", "on", "1"):
-                return True
-            if text.lower() in ("false", "no", "off", "0"):
-                return False
-            raise MoestreamError(f"{label} needs true or false, not {shown(text)}")
-        if name == "seed" and text.lower() in ("none", "random"):
-            return None
-        try:
-            return float(text) if kind is float else int(text, 10)
-        except ValueError:
-            what = "a number" if kind is float else "a whole number" + (" or none" if name == "seed" else "")
-            raise MoestreamError(f"{label} needs {what}, not {shown(text)}") from None
+        declared = {n: s for n, _, s in settings_of(cls)}
+        if name not in declared:
+            raise MoestreamError(f"{shown(name)} is not a sampling setting: use one of {', '.join(declared)}")
+        return declared[name].parse(str(text), declared[name].label)
 
     @classmethod
-    def from_text(cls, **values) -> SamplingParams:
-        """Settings from typed text, e.g. from_text(temperature="0.7", seed="7"): strings are parsed, other
-        values (None, a bool flag) taken as they are; settings not given keep their defaults."""
-        return cls(**{name: cls.parse(name, v) if isinstance(v, str) else v for name, v in values.items()})
+    def build(cls, **values) -> SamplingParams:
+        """Settings from typed text or values, e.g. build(temperature="0.7", seed=7); None = the default."""
+        return build_settings(cls, values, "sampling setting")
+
 
 
 def number(v) -> bool:
@@ -99,30 +131,3 @@ def shown(v) -> str:
     except ValueError:  # an int too long to print
         text = "(a very long number)"
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
-    """The CTRL/transformers rule: divide positive logits of seen tokens, multiply negative ones."""
-    if penalty == 1.0 or previous.numel() == 0:
-        return logits
-    seen = logits.gather(0, previous)
-    logits = logits.clone()
-    logits.scatter_(0, previous, torch.where(seen > 0, seen / penalty, seen * penalty))
-    return logits
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Choose one token id from logits [V] (float32)."""
-    logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
-    if params.temperature <= 0:
-        return int(logits.argmax())
-    # a tiny temperature is near-greedy, not a division that overflows float32 into inf - inf = NaN
-    logits = logits / max(params.temperature, MIN_TEMPERATURE)
-    k = params.top_k if 0 < params.top_k < logits.shape[0] else logits.shape[0]
-    # the k best, already sorted: top-p then only looks at them (cheap, whatever the vocabulary)
-    top_logits, top_ids = torch.topk(logits, k)
-    probs = torch.softmax(top_logits, dim=-1)
-    if params.top_p < 1.0:
-        # drop a token when the tokens ranked above it already cover top_p
-        probs = probs.masked_fill(probs.cumsum(-1) - probs > params.top_p, 0.0)
-    return int(top_ids[torch.multinomial(probs.cpu(), 1, generator=generator)])

@@ -14,14 +14,10 @@ from pathlib import Path
 import torch
 
 from ..errors import MoestreamError
-from ..scheduler.plan import PRESETS
-from .checkpoint import Checkpoint, pack_into
+from .checkpoint import Checkpoint, CheckpointStats
 from .config import ModelConfig
-
-SYNTHETIC = dict(PRESETS, tiny=dict(PRESETS["scout"], vocab_size=512, hidden_size=64, intermediate_size=96,
-                                    intermediate_size_mlp=128, num_hidden_layers=4, num_attention_heads=4,
-                                    num_key_value_heads=2, head_dim=16, attention_chunk_size=32,
-                                    max_position_embeddings=4096, rope_scaling=None))
+from .experts import pack_into
+from .presets import SYNTHETIC
 
 
 class SyntheticCheckpoint:
@@ -66,6 +62,9 @@ class SyntheticCheckpoint:
 
     def read_expert_into(self, layer: int, e: int, out: torch.Tensor) -> None:
         pack_into(out, *self.read_expert(layer, e))
+
+    def snapshot(self) -> CheckpointStats:
+        return CheckpointStats(self.expert_reads, self.expert_bytes_read)
 
     def fingerprint(self) -> str:
         return f"synthetic-{self.path.name}-{self.seed}"

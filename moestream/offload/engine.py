@@ -14,31 +14,15 @@ tokens' activations across the bus.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
-from ..cache.experts import ExpertCache
-from ..scheduler.cost import CostModel
-from ..scheduler.prefetch import Prefetcher
-from .store import ExpertStore, PackedExpert
+from ..model.experts import ExpertCounters, ExpertStats, PackedExpert
+from .cache import ExpertCache
+from .cost import CostModel
+from .prefetch import Prefetcher
+from .store import ExpertStore
 from .transfer import Ticket, TransferEngine
-
-
-@dataclass
-class OffloadCounters:
-    hits: int = 0  # wanted experts found in the cache
-    misses: int = 0
-    fetches: int = 0  # demand copies into the cache
-    prefetch_issued: int = 0
-    prefetch_hits: int = 0  # wanted experts that were in the cache thanks to a prefetch
-    prefetch_wasted: int = 0  # prefetched experts evicted before any use
-    cpu_experts: int = 0  # expert runs on the CPU
-    stall_seconds: float = 0.0  # host time blocked waiting for copies or disk reads
-    cpu_seconds: float = 0.0  # time spent running experts on the CPU
-
-
-DEFERRED = object()  # a fetch that waits for a slot to be released within the same step
 
 
 class CPUExpert:
@@ -47,7 +31,7 @@ class CPUExpert:
     __slots__ = ("expert", "counters")
     on_cpu = True
 
-    def __init__(self, expert: PackedExpert, counters: OffloadCounters):
+    def __init__(self, expert: PackedExpert, counters: ExpertCounters):
         self.expert, self.counters = expert, counters
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,18 +42,25 @@ class CPUExpert:
 
 
 class OffloadedExperts:
+    """guess_log: the routing trace's buffer, when one is recorded: the prefetcher's guess for each
+    layer is appended right after the model's routing record of that layer."""
+
     def __init__(self, store: ExpertStore, cache: ExpertCache, transfer: TransferEngine,
-                 prefetcher: Prefetcher | None, cost: CostModel | None, cpu_experts: str, cpu_layers: frozenset[int]):
+                 prefetcher: Prefetcher | None, cost: CostModel | None, cpu_experts: str, cpu_layers: frozenset[int],
+                 guess_log: list | None = None):
         self.store, self.cache, self.transfer = store, cache, transfer
         self.prefetcher, self.cost = prefetcher, cost
         self.cpu_experts, self.cpu_layers = cpu_experts, cpu_layers
-        self.counters = OffloadCounters()
+        self.guess_log = guess_log if prefetcher is not None else None
+        self.counters = ExpertCounters()
         self.inflight: dict[tuple[int, int], Ticket] = {}
         self.unused_prefetch: set[tuple[int, int]] = set()  # prefetched, not yet wanted
-        self.decided: dict[int, object] = {}  # expert -> slot index, CPUExpert or DEFERRED, for the current layer
-        self.pending: set[tuple[int, int]] = set()  # this layer's experts not yet handed to the model
+        # the current layer step's decisions, one container per kind
+        self.slot_for: dict[int, int] = {}  # expert -> its cache slot
+        self.on_cpu: dict[int, CPUExpert] = {}  # expert -> its run on the CPU
+        self.deferred: set[int] = set()  # experts that wait for a slot this step frees
+        self.not_yet_computed: set[tuple[int, int]] = set()  # this step's experts not yet handed to the model
         self.gets = 0
-        self.route_log: list | None = None  # the routing trace's buffer, when one is recorded
 
     # --- the seam the model calls ----------------------------------------------------------------
     def prepare(self, layer: int, wanted: list[int], h: torch.Tensor) -> list[int]:
@@ -77,17 +68,17 @@ class OffloadedExperts:
         (deferred fetches last, so the experts computed before them free their slots)."""
         c, tokens = self.counters, h.shape[0]
         if self.prefetcher is not None:
-            if self.route_log is not None:  # the routing trace records the guess that was made for this layer
-                self.route_log.append(self.prefetcher.next_guess.get(layer))
+            if self.guess_log is not None:  # the routing trace records the guess that was made for this layer
+                self.guess_log.append(self.prefetcher.next_guess.get(layer))
             self.prefetcher.score(layer, wanted)
         if layer not in self.cpu_layers:
             self.cache.policy.observe(layer, wanted)
-        protect = self.pending = {(layer, e) for e in wanted}
-        self.decided = {}
+        protect = self.not_yet_computed = {(layer, e) for e in wanted}
+        self.slot_for, self.on_cpu, self.deferred = {}, {}, set()
         for e in wanted:
             key = (layer, e)
             if layer in self.cpu_layers:
-                self.decided[e] = self._on_cpu(key)
+                self.on_cpu[e] = self._run_on_cpu(key)
                 continue
             slot = self.cache.lookup(key)
             if slot is not None:
@@ -96,43 +87,52 @@ class OffloadedExperts:
                     self.unused_prefetch.discard(key)
                     c.prefetch_hits += 1
                 self.cache.policy.touch(key)
-                self.decided[e] = slot
+                self.slot_for[e] = slot
                 continue
             c.misses += 1
             if self.cpu_experts == "always" or (
                 self.cpu_experts == "auto" and self.cost is not None and self.cost.prefer_cpu(tokens)
             ):
-                self.decided[e] = self._on_cpu(key)
+                self.on_cpu[e] = self._run_on_cpu(key)
                 continue
             slot = self._claim(key, protect)
             if slot is None:  # every slot holds an expert this step needs
-                # --cpu-experts never: wait until earlier experts of this step are done with their slots
-                self.decided[e] = DEFERRED if self.cpu_experts == "never" else self._on_cpu(key)
+                if self.cpu_experts == "never":  # wait until earlier experts of this step are done with their slots
+                    self.deferred.add(e)
+                else:
+                    self.on_cpu[e] = self._run_on_cpu(key)
                 continue
             self._fetch(key, slot)
             c.fetches += 1
             self.cache.policy.touch(key)
-            self.decided[e] = slot
+            self.slot_for[e] = slot
         if self.prefetcher is not None and tokens == 1:
             self._prefetch(layer, h, protect)
-        return sorted(wanted, key=lambda e: self.decided[e] is DEFERRED)
+        return sorted(wanted, key=lambda e: e in self.deferred)
 
     def get(self, layer: int, e: int):
         self.gets += 1
         key = (layer, e)
-        self.pending.discard(key)
-        decision = self.decided[e]
-        if isinstance(decision, CPUExpert):
-            return decision
-        if decision is DEFERRED:  # the experts already computed this step may give up their slots now
-            decision = self._claim(key, self.pending | {key})
-            self._fetch(key, decision)
+        self.not_yet_computed.discard(key)
+        if e in self.on_cpu:
+            return self.on_cpu[e]
+        if e in self.deferred:  # the experts already computed this step may give up their slots now
+            self.slot_for[e] = self._claim(key, self.not_yet_computed | {key})
+            self._fetch(key, self.slot_for[e])
             self.counters.fetches += 1
             self.cache.policy.touch(key)
         ticket = self.inflight.pop(key, None)
         if ticket is not None:
             self.counters.stall_seconds += self._wait(key, ticket)
-        return self.cache.experts[decision]
+        return self.cache.slot_experts[self.slot_for[e]]
+
+    def snapshot(self) -> ExpertStats:
+        """The counters of every part, as one group of llm.stats()."""
+        prefetch = self.prefetcher.snapshot() if self.prefetcher is not None else {}
+        return ExpertStats(gets=self.gets, **vars(self.counters), **self.cache.snapshot(),
+                           **self.transfer.snapshot(), **self.store.snapshot(),
+                           prefetch_recall={d: v["recall"] for d, v in prefetch.items()},
+                           prefetch_precision={d: v["precision"] for d, v in prefetch.items()})
 
     # --- helpers -----------------------------------------------------------------------------------
     def _claim(self, key, protect: set) -> int | None:
@@ -150,7 +150,7 @@ class OffloadedExperts:
         try:
             self.inflight[key] = self.transfer.fetch(key, slot, prefetch)
         except Exception:  # a read that failed on this thread (the copy is over): key's slot holds nothing
-            self._drop(key)
+            self.cache.release(key)
             raise
 
     def _wait(self, key, ticket: Ticket) -> float:
@@ -159,22 +159,14 @@ class OffloadedExperts:
         try:
             return ticket.wait()
         except Exception:
-            self._drop(key)
+            self.cache.release(key)
             raise
 
-    def _drop(self, key) -> None:
-        slot = self.cache.slot_of.pop(key, None)
-        if slot is not None:
-            self.cache.key_of[slot] = None
-        self.cache.policy.forget(key)
-
-    def _on_cpu(self, key) -> CPUExpert:
-        self.counters.cpu_experts += 1
+    def _run_on_cpu(self, key) -> CPUExpert:
+        self.counters.cpu_runs += 1
         if self.store.tier(key) == "host":
             return CPUExpert(self.store.host_expert(key), self.counters)
-        buffer = torch.empty(self.store.numel, dtype=self.store.dtype)
-        self.transfer.bytes_disk_to_host += self.store.read_into(key, buffer)
-        return CPUExpert(PackedExpert(buffer, self.store.hidden, self.store.inter), self.counters)
+        return CPUExpert(self.transfer.read_to_host(key), self.counters)
 
     def _prefetch(self, layer: int, h: torch.Tensor, protect: set) -> None:
         guesses = self.prefetcher.predict(layer, h)
@@ -200,6 +192,6 @@ class OffloadedExperts:
             try:
                 ticket.wait()
             except Exception:  # a failed copy is never used; closing still finishes
-                self._drop(key)
+                self.cache.release(key)
         self.inflight.clear()
         self.transfer.close()

@@ -1,11 +1,7 @@
-"""Routed-expert storage: where expert weights live when they are not on the compute device.
+"""ExpertStore: where routed experts live when they are not on the compute device.
 
-The MoE block calls `experts.prepare(layer, wanted, h)` once and then `experts.get(layer, e)` for
-each expert its router picked, and nothing else; that is the only place the model knows experts
-might not be resident. Each expert is packed into ONE contiguous buffer (gate_up then down), so
-moving it between tiers is a single copy.
-
-ExpertStore tiers: host RAM (pinned when CUDA is present) up to the plan's share, the rest in a
+Each expert is one packed buffer (model/experts.py), so moving it between tiers is a single copy.
+Tiers: host RAM (pinned when CUDA is present) up to the plan's share, the rest in a
 repacked file on disk (one aligned block per expert, so one expert is one sequential read) or, with
 --no-repack, read straight from the checkpoint's files.
 """
@@ -21,77 +17,15 @@ import weakref
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import xxhash
 
 from ..errors import MoestreamError
 from ..files import (TMP_SUFFIX, FileLock, cache_dir, describe_os_error, fsync_directory, make_directory, refuse_foreign,
                      temporary_name)
 from ..model.checkpoint import Checkpoint
+from ..model.experts import PackedExpert
 
 BLOCK_ALIGN = 4096  # disk blocks start on page boundaries (O_DIRECT-friendly, no straddled pages)
-
-
-class PackedExpert:
-    """One routed expert: buffer = [gate_up (D x 2F) | down (F x D)], x@W orientation."""
-
-    __slots__ = ("buffer", "gate_up", "down")
-    on_cpu = False  # runs where its buffer is (the compute device)
-
-    def __init__(self, buffer: torch.Tensor, hidden: int, inter: int):
-        self.buffer = buffer
-        n = hidden * 2 * inter
-        self.gate_up = buffer[:n].view(hidden, 2 * inter)
-        self.down = buffer[n:].view(inter, hidden)
-
-    @classmethod
-    def pack(cls, gate_up: torch.Tensor, down: torch.Tensor, device, dtype) -> "PackedExpert":
-        hidden, inter = down.shape[1], down.shape[0]
-        buffer = torch.empty(gate_up.numel() + down.numel(), device=device, dtype=dtype)
-        expert = cls(buffer, hidden, inter)
-        expert.gate_up.copy_(gate_up)
-        expert.down.copy_(down)
-        return expert
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """SwiGLU: down(silu(x @ Wgate) * (x @ Wup))."""
-        gate, up = (x @ self.gate_up).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ self.down
-
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
-
-
-class ResidentExperts:
-    """Every expert on the compute device, each read from the checkpoint the first time it is used.
-
-    The degenerate case of an expert cache whose budget holds all experts: after warm-up there are
-    no copies at all. Reading on first use (not at load) keeps start-up fast and proves laziness.
-    """
-
-    def __init__(self, checkpoint: Checkpoint, device, dtype):
-        self.checkpoint = checkpoint
-        self.device, self.dtype = device, dtype
-        self.experts: dict[tuple[int, int], PackedExpert] = {}
-        self.gets = 0  # calls through the narrow interface
-
-    def prepare(self, layer: int, wanted: list[int], h: torch.Tensor) -> list[int]:
-        """Told every expert of a layer's step before any is computed; returns the order to compute
-        them in. Nothing to plan when every expert is resident."""
-        return wanted
-
-    def get(self, layer: int, e: int) -> PackedExpert:
-        self.gets += 1
-        expert = self.experts.get((layer, e))
-        if expert is None:
-            gate_up, down = self.checkpoint.read_expert(layer, e)
-            expert = self.experts[(layer, e)] = PackedExpert.pack(gate_up, down, self.device, self.dtype)
-        return expert
-
-    @property
-    def nbytes(self) -> int:
-        return sum(x.nbytes for x in self.experts.values())
 
 
 def checksum(data) -> int:
@@ -343,3 +277,6 @@ class ExpertStore:
     @property
     def host_bytes(self) -> int:
         return self.host.numel() * self.host.element_size()
+
+    def snapshot(self) -> dict:
+        return {"host_bytes": self.host_bytes, "disk_experts": len(self.disk_keys)}

@@ -21,8 +21,9 @@ from concurrent.futures import Future
 
 import torch
 
-from ..cache.experts import ExpertCache
+from ..model.experts import PackedExpert
 from ..profiling.recorder import NULL
+from .cache import ExpertCache
 from .store import ExpertStore
 
 DEMAND, PREFETCH = 0, 1  # worker priorities: lower runs first
@@ -51,7 +52,7 @@ class Ticket:
         return time.perf_counter() - t0
 
 
-def _timed(fn, *args) -> tuple[float, float]:
+def clocked(fn, *args) -> tuple[float, float]:
     """Run fn(*args) and return its start and end on the perf_counter clock."""
     start = time.perf_counter()
     fn(*args)
@@ -88,14 +89,14 @@ class CopyWorker:
 
 
 class TransferEngine:
-    def __init__(self, store: ExpertStore, cache: ExpertCache, device: torch.device):
+    def __init__(self, store: ExpertStore, cache: ExpertCache, device: torch.device, rec=NULL):
         self.store, self.cache, self.device = store, cache, device
         self.cuda = device.type == "cuda"
         self.worker = CopyWorker()
         self._stop = weakref.finalize(self, self.worker.close)  # also at interpreter exit
         self.bytes_host_to_device = 0
         self.bytes_disk_to_host = 0
-        self.rec = NULL  # profiling recorder: copies get spans on their own tracks
+        self.rec = rec  # profiling recorder: copies get spans on their own tracks
         if self.cuda:
             self.demand_stream = torch.cuda.Stream(device, priority=-1)
             self.prefetch_stream = torch.cuda.Stream(device)
@@ -124,7 +125,7 @@ class TransferEngine:
                 return Ticket(prefetch=prefetch)
             job, span = (self.store.read_into, key, dst), None
             if self.rec.enabled:  # the worker only reads the clock; the span is recorded when waited on
-                job, span = (_timed, *job), (self.rec, "expert read", "disk",
+                job, span = (clocked, *job), (self.rec, "expert read", "disk",
                                              {"layer": key[0], "expert": key[1], "prefetch": prefetch})
             return Ticket(future=self.worker.submit(priority, *job), prefetch=prefetch, span=span)
 
@@ -150,6 +151,15 @@ class TransferEngine:
             done.synchronize()  # the staging buffer is reused by the next read
 
         return Ticket(future=self.worker.submit(priority, from_disk), event=done, prefetch=prefetch)
+
+    def read_to_host(self, key) -> PackedExpert:
+        """A disk-tier expert read into a fresh host buffer (to run on the CPU), on this thread."""
+        buffer = torch.empty(self.store.numel, dtype=self.store.dtype)
+        self.bytes_disk_to_host += self.store.read_into(key, buffer)
+        return PackedExpert(buffer, self.store.hidden, self.store.inter)
+
+    def snapshot(self) -> dict:
+        return {"bytes_host_to_device": self.bytes_host_to_device, "bytes_disk_to_host": self.bytes_disk_to_host}
 
     def close(self) -> None:
         self._stop()

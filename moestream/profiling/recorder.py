@@ -67,6 +67,7 @@ class Recorder(NullRecorder):
         self.spans: list = []  # the hot path's raw spans, four values each, converted at export
         self.origin = time.perf_counter()
         self.cuda = device is not None and device.type == "cuda"
+        self.device = device
         self.pending_cuda: list[tuple] = []  # (name, track, args, start event, end event), resolved at export
         self.mark = self._cuda_mark if self.cuda else time.perf_counter
         self.add = self.spans.extend

@@ -7,7 +7,7 @@ DIR/trace.json     Chrome / Perfetto trace: spans per layer (attention, router, 
 DIR/summary.json   per-token latency percentiles, prefill / decode tok/s, hit rate, prefetch recall
                    and precision, bytes per token by link, stall fraction, CPU-run experts, KV per
                    tier, peak memory, the full llm.stats() snapshot, and per-step series.
-DIR/routing.jsonl  the routing trace (format in scheduler/routing.py).
+DIR/routing.jsonl  the routing trace (format in profiling/routing.py).
 DIR/report.md      the summary as markdown.
 
 torch is imported where a Profile records, not at the top: `moestream report` only reads JSON.
@@ -19,7 +19,6 @@ import json
 import resource
 import statistics
 import time
-import weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,12 +29,13 @@ PLOTS_HINT = "pip install 'moestream[plots]' (matplotlib) to draw the plots"
 
 
 class Profile:
-    """Installs a Recorder in every part of a loaded LLM and collects one record per step."""
+    """Collects one record per step of a run (the generation loop calls `step`) and writes the files.
 
-    def __init__(self, llm, directory: Path):
+    rec: the run's Recorder (the parts were built with it); experts: the expert source, whose
+    snapshot a step reads; resident_bytes: the resident weights (for the device-bytes counter)."""
+
+    def __init__(self, directory: Path, rec, experts, resident_bytes: int = 0):
         import torch
-
-        from .recorder import Recorder
 
         self.dir = Path(directory)
         try:
@@ -44,39 +44,28 @@ class Profile:
             raise MoestreamError(f"cannot create the profile directory {self.dir}: {e.strerror}") from None
         for name in PROFILE_FILES:  # refused now, not after the run
             refuse_foreign(self.dir / name, **_ours(name))
-        self._llm = weakref.ref(llm)  # the LLM holds its Profile: no reference cycle, so dropping it frees it
-        self.rec = Recorder(llm.device)
-        llm.rec = llm.model.rec = self.rec
-        if hasattr(llm.experts, "transfer"):
-            llm.experts.transfer.rec = self.rec
-        if llm.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(llm.device)
-        self.offload_counters = getattr(llm.experts, "counters", None)
-        self.transfer = getattr(llm.experts, "transfer", None)
+        self.rec, self.experts, self.resident_bytes = rec, experts, resident_bytes
+        if rec.cuda:
+            torch.cuda.reset_peak_memory_stats(rec.device)
         self.raw_steps: list[tuple] = []  # (kind, tokens, seconds, µs, counters): per-step records, raw
-        self.first = self._counters()
-
-    @property
-    def llm(self):
-        return self._llm()
+        self.first = self._counters(None)
 
     COUNTERS = ("stall", "cpu", "hits", "misses", "h2d", "disk", "pos", "occupied", "kv_device", "kv_host", "kv_disk")
 
-    def _counters(self) -> tuple:
+    def _counters(self, seq) -> tuple:
         """The raw counters a step records, in COUNTERS order (a tuple: this runs every token)."""
-        llm, c, t = self.llm, self.offload_counters, self.transfer
-        cache = llm._cache
-        tiers = cache.tokens_by_tier() if cache is not None else {"device": 0, "host": 0, "disk": 0}
-        return (c.stall_seconds if c else 0.0, c.cpu_seconds if c else 0.0, c.hits if c else 0, c.misses if c else 0,
-                t.bytes_host_to_device if t else 0, t.bytes_disk_to_host if t else 0, len(llm._cache_ids),
-                len(llm.experts.cache.slot_of) if c else 0, tiers["device"], tiers["host"], tiers["disk"])
+        e = self.experts.snapshot()
+        tiers = seq.cache.tokens_by_tier() if seq is not None else {"device": 0, "host": 0, "disk": 0}
+        return (e.stall_seconds, e.cpu_seconds, e.hits, e.misses, e.bytes_host_to_device, e.bytes_disk_to_host,
+                len(seq.ids) if seq is not None else 0, e.resident if e.slots else 0,
+                tiers["device"], tiers["host"], tiers["disk"])
 
-    def step(self, kind: str, tokens: int, seconds: float) -> None:
-        """After a prefill or a decoded token: its time and the raw counters (deltas come at export)."""
-        self.raw_steps.append((kind, tokens, seconds, (time.perf_counter() - self.rec.origin) * 1e6, self._counters()))
+    def step(self, kind: str, tokens: int, seconds: float, seq) -> None:
+        """After a prefill or a decoded token of `seq`: its time and the raw counters (deltas come at export)."""
+        self.raw_steps.append((kind, tokens, seconds, (time.perf_counter() - self.rec.origin) * 1e6, self._counters(seq)))
         if kind == "prefill" or len(self.raw_steps) % 16 == 0:  # memory changes slowly: sample it
-            s = self.llm.stats()
-            self.rec.counter("device bytes", resident=s.resident_bytes, experts=s.expert_bytes, kv=s.kv_bytes)
+            self.rec.counter("device bytes", resident=self.resident_bytes, experts=self.experts.snapshot().device_bytes,
+                             kv=seq.cache.nbytes)
 
     @property
     def steps(self) -> list[dict]:
@@ -105,10 +94,10 @@ class Profile:
                            (("device", now["kv_device"]), ("host", now["kv_host"]), ("disk", now["kv_disk"]))))
         return events
 
-    def summary(self) -> dict:
+    def summary(self, s, facts: dict) -> dict:
+        """s: the run's llm.stats(); facts: model, device, dtype, runtime settings, model config."""
         import torch
 
-        s = self.llm.stats()
         steps = self.steps
         decode = [x for x in steps if x["kind"] == "decode"]
         prefill = [x for x in steps if x["kind"] == "prefill"]
@@ -121,35 +110,33 @@ class Profile:
         prefill_s = sum(x["ms"] for x in prefill) / 1e3
         n_decode, n_prefill = len(decode), sum(x["tokens"] for x in prefill)
         routing = self.dir / "routing.jsonl"
+        e, kv = s.experts, s.kv
         return {
-            "model": str(self.llm.runtime.model), "device": str(self.llm.device),
-            "dtype": str(self.llm.dtype).removeprefix("torch."),
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.llm.runtime).items()},
+            "model": facts["model"], "device": facts["device"], "dtype": facts["dtype"],
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(facts["runtime"]).items()},
             "tokens": {"prefill": n_prefill, "decode": n_decode},
             "prefill_tps": n_prefill / prefill_s if prefill_s else 0.0,
             "decode_tps": n_decode / decode_s if decode_s else 0.0,
             "latency_ms": {"mean": statistics.fmean(lat) if lat else 0.0, "p50": pct(0.5), "p90": pct(0.9),
                            "p99": pct(0.99), "max": lat[-1] if lat else 0.0},
-            "hit_rate": s.hit_rate,
-            "prefetch_recall": s.prefetch_recall, "prefetch_precision": s.prefetch_precision,
+            "hit_rate": e.hit_rate,
+            "prefetch_recall": e.prefetch_recall, "prefetch_precision": e.prefetch_precision,
             "bytes_per_token": {
                 "host_to_device": sum(x["bytes_host_to_device"] for x in decode) / max(1, n_decode),
                 "disk_to_host": sum(x["bytes_disk_to_host"] for x in decode) / max(1, n_decode)},
             "stall_fraction": sum(x["stall_ms"] for x in decode) / 1e3 / decode_s if decode_s else 0.0,
-            "cpu_experts": s.cpu_experts, "cpu_expert_seconds": s.cpu_expert_seconds,
-            "kv_tokens": {"device": s.kv_tokens_device, "host": s.kv_tokens_host, "disk": s.kv_tokens_disk},
+            "cpu_runs": e.cpu_runs, "cpu_expert_seconds": e.cpu_seconds,
+            "kv_tokens": {"device": kv.tokens_device, "host": kv.tokens_host, "disk": kv.tokens_disk},
             "peak_memory": {
-                "cuda_bytes": torch.cuda.max_memory_allocated(self.llm.device) if self.llm.device.type == "cuda" else None,
+                "cuda_bytes": torch.cuda.max_memory_allocated(self.rec.device) if self.rec.cuda else None,
                 "host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
             "stats": s.as_dict(),
             "series": steps,
-            "routing_counts": routing_counts(routing, self.llm.config) if routing.exists() else None,
+            "routing_counts": routing_counts(routing, facts["config"]) if routing.exists() else None,
         }
 
-    def write(self) -> None:
-        if self.llm.routing_trace is not None:
-            self.llm.routing_trace.flush()
-        summary = self.summary()
+    def write(self, stats, facts: dict) -> None:
+        summary = self.summary(stats, facts)
         texts = {"trace.json": json.dumps(self.rec.chrome_trace(extra=self._trace_counters())),
                  "summary.json": json.dumps(summary, indent=1), "report.md": markdown(summary)}
         for name, text in texts.items():
@@ -194,7 +181,7 @@ SUMMARY = {  # what summary_rows and plots read, and what each must be
     "latency_ms": {"mean": NUMBER, "p50": NUMBER, "p90": NUMBER, "p99": NUMBER},
     "hit_rate": NUMBER, "prefetch_recall": NUMBERS, "prefetch_precision": NUMBERS,
     "bytes_per_token": {"host_to_device": NUMBER, "disk_to_host": NUMBER}, "stall_fraction": NUMBER,
-    "cpu_experts": NUMBER, "cpu_expert_seconds": NUMBER, "kv_tokens": {"device": NUMBER, "host": NUMBER, "disk": NUMBER},
+    "cpu_runs": NUMBER, "cpu_expert_seconds": NUMBER, "kv_tokens": {"device": NUMBER, "host": NUMBER, "disk": NUMBER},
     "peak_memory": {"cuda_bytes": MAYBE_NUMBER, "host_rss_bytes": NUMBER},
 }
 STEP = {"kind": TEXT, **{k: NUMBER for k in ("ms", "pos", "stall_ms", "cpu_expert_ms", "hits", "misses", "bytes_host_to_device",
@@ -259,7 +246,7 @@ def summary_rows(s: dict) -> list[tuple[str, str]]:
         ("bytes per decoded token", f"host→device {s['bytes_per_token']['host_to_device'] / 1e6:.2f} MB · "
                                     f"disk→host {s['bytes_per_token']['disk_to_host'] / 1e6:.2f} MB"),
         ("stall", f"{100 * s['stall_fraction']:.1f}% of decode time"),
-        ("experts run on the CPU", f"{s['cpu_experts']} ({s['cpu_expert_seconds']:.3f} s)"),
+        ("experts run on the CPU", f"{s['cpu_runs']} ({s['cpu_expert_seconds']:.3f} s)"),
         ("KV tokens (device / host / disk)", " / ".join(str(s["kv_tokens"][t]) for t in ("device", "host", "disk"))),
     ]
     peak = s["peak_memory"]

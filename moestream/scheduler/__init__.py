@@ -1,4 +1,2 @@
-"""Deciding ahead of time: expert prefetch prediction, CPU-vs-GPU cost model, placement planning.
-
-Empty in the foundation: the offload engine fills it.
-"""
+"""Deciding what runs where and when: the placement plan (from budgets and shapes alone) and the
+generation loop over sequences (prefill, decode one step, decode n steps)."""

@@ -15,19 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..config import DEFAULT_CTX, RuntimeConfig, fmt_in, fmt_size, is_binary
+from ..config import DEFAULT_CTX, RuntimeConfig
 from ..errors import MoestreamError
 from ..model.config import ModelConfig
+from ..units import fmt_bytes, fmt_in, fmt_size, is_binary
 
 if TYPE_CHECKING:
     from ..cache.kv import KVLayout
 
 WORKSPACE_TOKENS = 512  # activations are reserved for a step of this many tokens
-
-
-def fmt_bytes(n: float, up: bool = False) -> str:
-    """"1.50 GiB"; with up=True rounded up, so a minimum quoted back to the user is enough."""
-    return fmt_in(n, binary=True, up=up)
 
 
 def resident_bytes(c: ModelConfig, itemsize: int) -> int:
@@ -60,10 +56,10 @@ def kv_layout(c: ModelConfig, rt: RuntimeConfig, dtype, ctx: int, problem=None):
     """KV storage types and, under --kv-gpu-mem / --kv-cpu-mem, the tokens each tier holds (a KVLayout)."""
     import torch
 
-    from ..cache.kv import KVLayout
+    from ..cache.kv import KVLayout, kv_type_for
 
     problem = problem or _raise
-    auto = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+    auto = kv_type_for(dtype)
     k_type = auto if rt.cache_type_k == "auto" else rt.cache_type_k
     v_type = auto if rt.cache_type_v == "auto" else rt.cache_type_v
     layout = KVLayout(k_type, v_type, block=rt.kv_block, disk=rt.kv_disk, max_tokens=ctx)
@@ -137,6 +133,13 @@ def default_gpu_mem(device) -> int | None:
     return int(free * 0.9)
 
 
+def default_cpu_mem() -> int:
+    """80% of the available host RAM: what the expert store may fill when --cpu-mem is not given."""
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.8)
+
+
 def _raise(message: str):
     raise MoestreamError(message)
 
@@ -146,7 +149,6 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device, dtype, expert_bytes: in
     """Placement from shapes and budgets. strict: a budget that cannot work raises MoestreamError;
     otherwise (the `plan` command) the reasons are collected in plan.problems and the plan goes on.
     A flag that makes no sense for this model (--prefetch past its last MoE layer) always raises."""
-    import psutil
     import torch
 
     problems: list[str] = []
@@ -215,26 +217,8 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device, dtype, expert_bytes: in
     if rt.cpu_mem is not None:
         host = min(n_experts, rt.cpu_mem // eb)
     else:
-        host = min(n_experts, int(psutil.virtual_memory().available * 0.8) // eb)
+        host = min(n_experts, default_cpu_mem() // eb)
     return Plan(ctx, eb, n_experts, res, kv, ws, layout, slots, cpu_layers, host, resident, gpu_mem, problems)
-
-
-# --- presets with the real shapes, for `moestream plan --preset` (no checkpoint needed) ----------
-_LLAMA4 = dict(architectures=["Llama4ForCausalLM"], model_type="llama4_text", vocab_size=202048, hidden_size=5120,
-               intermediate_size=8192, intermediate_size_mlp=16384, num_hidden_layers=48, num_attention_heads=40,
-               num_key_value_heads=8, head_dim=128, num_experts_per_tok=1, attention_chunk_size=8192,
-               rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=200000, eos_token_id=[200001, 200007, 200008],
-               torch_dtype="bfloat16")
-PRESETS = {
-    "scout": dict(_LLAMA4, num_local_experts=16, interleave_moe_layer_step=1, use_qk_norm=True,
-                  max_position_embeddings=10485760,
-                  rope_scaling=dict(rope_type="llama3", factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
-                                    original_max_position_embeddings=8192)),
-    "maverick": dict(_LLAMA4, num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False,
-                     max_position_embeddings=1048576),
-}
-HF_IDS = {"scout": "meta-llama/Llama-4-Scout-17B-16E-Instruct", "maverick": "meta-llama/Llama-4-Maverick-17B-128E-Instruct"}
-EXPERT_DTYPE_BYTES = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5 + 2 / 128}  # int4: a bf16 scale per group of 128
 
 
 def largest_context(c: ModelConfig, rt: RuntimeConfig, device, dtype, expert_bytes: int | None = None) -> int:

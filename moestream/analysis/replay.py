@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cache.experts import belady, lookahead_oracle, simulate
-from .routing import Trace
+from ..profiling.routing import Trace
+from .oracles import belady, lookahead_oracle, simulate
 
 
 ORACLE_TOKENS = (1, 4)  # eviction oracles that see this many tokens of routing ahead (bounds for predictors)

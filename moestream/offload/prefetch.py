@@ -22,7 +22,7 @@ class Prefetcher:
         self.routers, self.top_k, self.lookahead = routers, top_k, lookahead
         targets = [layer for layer in moe_layers if layer in routers]
         self.next_layers = {layer: [t for t in targets if t > layer][:lookahead] for layer in moe_layers}
-        self.pending: dict[int, list[tuple[int, set[int]]]] = defaultdict(list)  # target -> [(distance, guess)]
+        self.guesses: dict[int, list[tuple[int, set[int]]]] = defaultdict(list)  # target -> [(distance, guess)] not yet scored
         self.next_guess: dict[int, set[int]] = {}  # target -> the distance-1 guess waiting for it (read by the routing trace)
         self.predicted = defaultdict(int)  # distance -> experts predicted
         self.used = defaultdict(int)  # distance -> experts actually used (at layers that had a guess)
@@ -34,9 +34,9 @@ class Prefetcher:
         for distance, target in enumerate(self.next_layers[layer], start=1):
             experts, _, _ = route(h, self.routers[target], self.top_k)
             guess = experts.flatten().tolist()
-            self.pending[target].append((distance, set(guess)))
+            self.guesses[target].append((distance, set(guess)))
             if distance == 1:
-                self.next_guess[target] = self.pending[target][-1][1]
+                self.next_guess[target] = self.guesses[target][-1][1]
             out.append((target, distance, guess))
         return out
 
@@ -44,7 +44,7 @@ class Prefetcher:
         """Compare the guesses made for `layer` with what its router chose."""
         used = set(actual)
         self.next_guess.pop(layer, None)
-        for distance, guess in self.pending.pop(layer, []):
+        for distance, guess in self.guesses.pop(layer, []):
             self.predicted[distance] += len(guess)
             self.used[distance] += len(used)
             self.correct[distance] += len(guess & used)
@@ -55,5 +55,5 @@ class Prefetcher:
     def precision(self, distance: int) -> float:
         return self.correct[distance] / self.predicted[distance] if self.predicted[distance] else 0.0
 
-    def summary(self) -> dict[int, dict[str, float]]:
+    def snapshot(self) -> dict[int, dict[str, float]]:
         return {d: {"recall": self.recall(d), "precision": self.precision(d)} for d in range(1, self.lookahead + 1)}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MoestreamError
-from ..files import refuse_foreign
+from ..files import make_directory, refuse_foreign
 
 FORMAT = "moestream-routing/1"
 
@@ -31,7 +31,7 @@ def is_trace(path: Path) -> bool:
 class RoutingRecorder:
     """Buffers the model's routing and writes it as JSONL, off the per-layer path.
 
-    The model's hook is `pending.append` (a builtin: no Python frame per layer): it appends
+    The model's hook is `buffer.append` (a builtin: no Python frame per layer): it appends
     (layer, experts [T, k], scores [T, k]) for each MoE layer step; the offload engine, when it
     predicts, appends the prefetcher's distance-1 guess for that layer right after (a set, or None).
     Steps are numbered and records paired with their guesses when they are formatted: at the end of
@@ -43,26 +43,32 @@ class RoutingRecorder:
     def __init__(self, path: Path, meta: dict):
         refuse_foreign(Path(path), is_trace, "a moestream routing trace", "choose another --record-routing FILE")
         try:
+            make_directory(Path(path).parent)
             self.file = open(path, "w", encoding="utf-8")
         except OSError as e:
             raise MoestreamError(f"cannot write the routing trace {path}: {e.strerror}") from None
         self.file.write(json.dumps({"format": FORMAT, **meta}) + "\n")
         self.step, self.last_layer = 0, None
-        self.pending: list = []
-        self.hook = self.pending.append
+        self.buffer: list = []
+        self.hook = self.buffer.append
         self.first_layer = min(meta["moe_layers"]) if meta["moe_layers"] else 0
+
+    @property
+    def full(self) -> bool:
+        """Whether the buffer should be formatted now (bounded: its tensors may be on the GPU)."""
+        return len(self.buffer) >= self.LIMIT
 
     def flush(self) -> None:
         """Format and write the buffered records (torch imported here: replaying a trace needs none)."""
         import torch
 
         records: list[list] = []  # [layer, experts, scores, guess]
-        for item in self.pending:
+        for item in self.buffer:
             if isinstance(item, tuple):
                 records.append([*item, None])
             elif records:  # the guess made for the record just before it
                 records[-1][3] = item
-        self.pending.clear()
+        self.buffer.clear()
         if not records:
             return
         # two bulk conversions instead of two per record: the tensors are tiny, the calls are not

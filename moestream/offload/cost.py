@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..offload.store import PackedExpert
+from ..model.experts import PackedExpert
 
 
-def _timed(fn, device: torch.device, repeats: int = 5) -> float:
+def best_seconds(fn, device: torch.device, repeats: int = 5) -> float:
     """Best-of-N seconds of fn() (synchronised on CUDA)."""
     best = float("inf")
     for _ in range(repeats + 1):  # the first run warms up
@@ -54,12 +54,12 @@ class CostModel:
         """Measure one copy and expert compute at 1 and 32 tokens, on both sides."""
         src = host_expert.buffer
         nbytes = src.numel() * src.element_size()
-        copy = _timed(lambda: slot.copy_(src, non_blocking=True), device)
+        copy = best_seconds(lambda: slot.copy_(src, non_blocking=True), device)
         hidden = host_expert.down.shape[1]
         timings = []
         for expert, dev in ((host_expert, torch.device("cpu")), (slot_expert, device)):
-            t1 = _timed(lambda: expert(torch.randn(1, hidden, dtype=src.dtype, device=dev)), dev)
-            t32 = _timed(lambda: expert(torch.randn(32, hidden, dtype=src.dtype, device=dev)), dev)
+            t1 = best_seconds(lambda: expert(torch.randn(1, hidden, dtype=src.dtype, device=dev)), dev)
+            t32 = best_seconds(lambda: expert(torch.randn(32, hidden, dtype=src.dtype, device=dev)), dev)
             per_token = max(0.0, (t32 - t1) / 31)
             timings += [max(0.0, t1 - per_token), per_token]
         return cls(nbytes / max(copy, 1e-9), nbytes, *timings)
