@@ -146,6 +146,7 @@ def thread_count(value, label: str) -> int:
 
 # --- the runtime's settings --------------------------------------------------------------------------
 KV_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")
+EXPERT_DTYPES = ("auto", "f32", "bf16", "f16", "fp8", "int8", "int4", "int2")  # model/formats.py FORMATS
 DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "f16": "float16"}  # --dtype spelling -> torch dtype name
 
@@ -174,6 +175,10 @@ class RuntimeConfig:
                                        "512MiB, bytes). Default: 80% of available RAM.")
     expert_cache: int | None = setting(None, "--expert-cache", parse=size,
                                        help="Bytes of expert-cache slots on the device (default: what --gpu-mem leaves).")
+    expert_dtype: str = setting("auto", "--expert-dtype", choices=EXPERT_DTYPES,
+                                help="How routed experts are stored, moved and multiplied: auto = the checkpoint's own "
+                                     "(bf16 stays bf16, fp8 stays fp8); int8, int4, int2 and fp8 are quantized once, "
+                                     "when experts are placed, and shrink host RAM, disk and link bytes 2-8x.")
     cpu_experts: str = setting("auto", "--cpu-experts", choices=("auto", "never", "always"),
                                help="Run a missing expert on the CPU instead of fetching it: auto = measured cost model.")
     cache_policy: str = setting("predictive", "--cache-policy", choices=("lru", "lfu", "predictive"),

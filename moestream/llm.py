@@ -27,6 +27,7 @@ from .cache.kv import KVCache, KVDisk, KVStats
 from .config import RuntimeConfig, resolve_device, resolve_dtype
 from .errors import ContextFull, MoestreamError
 from .model.checkpoint import Checkpoint
+from .model.formats import expert_format
 from .model.llama4 import Llama4, load_weights
 from .model.sampling import SamplingParams
 from .model.tokenizer import Tokenizer
@@ -54,7 +55,8 @@ class LLM:
         if runtime.ctx_size > c.max_position_embeddings:
             raise MoestreamError(f"context size {runtime.ctx_size} exceeds this model's maximum of "
                                  f"{c.max_position_embeddings} tokens: use -c {c.max_position_embeddings} or less")
-        self.plan: Plan = make_plan(c, runtime, self.device, self.dtype)
+        self.expert_format = expert_format(runtime.expert_dtype, self.checkpoint.expert_dtype)
+        self.plan: Plan = make_plan(c, runtime, self.device, self.dtype, self.expert_format)
         self.ctx_size = self.plan.ctx_size
         # opened and locked for the life of the LLM: an unwritable, foreign or busy --kv-disk fails now
         self.kv_disk = KVDisk(self.plan.kv.disk) if self.plan.kv.disk is not None else None
@@ -66,7 +68,7 @@ class LLM:
                 "top_k": c.num_experts_per_tok, "expert_bytes": self.plan.expert_bytes})
         weights = load_weights(self.checkpoint, self.device, self.dtype)
         p = self.plan
-        self.experts = build_experts(self.checkpoint, runtime, resident=p.resident, slots=p.cache_slots,
+        self.experts = build_experts(self.checkpoint, runtime, self.expert_format, resident=p.resident, slots=p.cache_slots,
                                      host_experts=p.host_experts, cpu_layers=p.cpu_layers, routers=weights.routers(),
                                      device=self.device, dtype=self.dtype, rec=self.rec,
                                      guess_log=self.trace.buffer if self.trace else None, progress=progress)

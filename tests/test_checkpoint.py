@@ -40,9 +40,11 @@ def test_expert_read_is_a_slice_not_the_fused_tensor(tiny, monkeypatch):
     """read_expert goes through get_slice()[e]; the whole fused [E, D, 2F] tensor is never loaded."""
     ckpt = Checkpoint(tiny("scout")[0])
     loaded = []
-    real_read = Checkpoint.read
+    real_read, real_raw = Checkpoint.read, Checkpoint._raw
     monkeypatch.setattr(Checkpoint, "read", lambda self, name: loaded.append(name) or real_read(self, name))
-    gate_up, down = ckpt.read_expert(0, 2)
+    monkeypatch.setattr(Checkpoint, "_raw", lambda self, name: loaded.append(name) or real_raw(self, name))
+    weights = ckpt.read_expert(0, 2)
+    gate_up, down = weights.gate_up, weights.down
     assert not loaded
     assert gate_up.shape == (64, 64) and down.shape == (32, 64)
 

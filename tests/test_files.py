@@ -25,6 +25,7 @@ import moestream
 from moestream import MoestreamError
 from moestream.cache.kv import KVCache, KVDisk, KVLayout
 from moestream.model.checkpoint import Checkpoint
+from moestream.model.formats import FORMATS
 from moestream.model.sampling import SamplingParams
 from moestream.offload.store import RepackedFile
 
@@ -374,7 +375,7 @@ def test_malformed_expert_offset_is_one_line_on_the_fast_path(tiny, tmp_path):
     """The offload path that reads experts straight from the checkpoint (os.preadv at the header's
     offsets) never sees a malformed one: it is refused with the file and tensor named."""
     path = broken_copy(tiny, tmp_path, shifted(-4))
-    assert Checkpoint(tiny("scout")[0]).reads_raw(torch.float32)  # float32 checkpoint, float32 run: raw reads
+    assert Checkpoint(tiny("scout")[0]).reads_raw(FORMATS["f32"])  # float32 checkpoint, f32 experts: raw reads
     with pytest.raises(MoestreamError, match=f"model.safetensors is corrupt: tensor {VICTIM} overlaps") as info:
         moestream.load(path, expert_dir=tmp_path, repack=False, **OFFLOAD)
     assert "re-download it" in one_line(info)
@@ -384,12 +385,12 @@ def test_shard_truncated_after_load_is_one_line_on_the_fast_path(tiny, tmp_path)
     path = tmp_path / "scout"
     shutil.copytree(tiny("scout")[0], path)
     ck = Checkpoint(path)
-    assert ck.reads_raw(torch.float32)
+    assert ck.reads_raw(FORMATS["f32"])
     shard = path / "model.safetensors"
     os.truncate(shard, ck.tensors["model.layers.0.feed_forward.experts.gate_up_proj"].offset + 8)
-    out = torch.empty(ck.config.expert_numel)
+    out = torch.empty(FORMATS["f32"].nbytes(ck.config.hidden_size, ck.config.intermediate_size), dtype=torch.uint8)
     with pytest.raises(MoestreamError, match="model.safetensors ended early while reading expert 3 of layer 0") as info:
-        ck.read_expert_into(0, 3, out)
+        ck.read_expert_into(0, 3, out, FORMATS["f32"])
     assert "re-download it" in one_line(info)
 
 

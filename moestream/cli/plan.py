@@ -17,7 +17,7 @@ import click
 from ..config import DEFAULT_CTX, DEFAULT_MODEL
 from ..errors import MoestreamError
 from ..model.config import ModelConfig, misused_model_path
-from ..model.presets import EXPERT_DTYPE_BYTES, HF_IDS, PRESETS
+from ..model.presets import HF_IDS, PRESETS
 from ..units import fmt_bytes, fmt_in, fmt_size, is_binary, positive_number
 from ..scheduler.plan import default_cpu_mem, default_gpu_mem, kv_token_bytes, largest_context, make_plan
 from .app import cli, runtime_options
@@ -48,15 +48,13 @@ def distributed_commands(model_id: str, total_bytes: int, gpu_mem: int, ctx: int
 @cli.command()
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Built-in real shapes (no checkpoint needed); otherwise -m DIR's config.json.")
-@click.option("--expert-dtype", type=click.Choice(sorted(EXPERT_DTYPE_BYTES)), default="bf16", show_default=True,
-              help="Precision of routed experts to plan for (int4: group-128 scales).")
 @click.option("--link-gbps", type=float, default=50.0, show_default=True,
               help="Host-to-GPU GB/s for the decode ceiling (50: PCIe 5 x16, pinned).")
 @click.option("--disk-gbps", type=float, default=7.0, show_default=True,
               help="Disk read GB/s for experts that live on disk (7: a PCIe 4 NVMe); their misses are read, then copied.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts (exit status 1 still means it does not fit).")
 @runtime_options
-def plan(preset, expert_dtype, link_gbps, disk_gbps, as_json, runtime):
+def plan(preset, link_gbps, disk_gbps, as_json, runtime):
     """Dry run: where weights, experts and KV would sit, the largest context, the decode ceiling.
 
     Exits 0 when the plan fits and 1 when it does not (also with --json)."""
@@ -86,10 +84,14 @@ def plan(preset, expert_dtype, link_gbps, disk_gbps, as_json, runtime):
         cpu_mem = default_cpu_mem()
         assumed.append(f"--cpu-mem {fmt_bytes(cpu_mem)} (80% of this machine's available RAM)")
         runtime = replace(runtime, cpu_mem=cpu_mem)
+    from ..model.formats import FORMATS, expert_format, stored_expert_dtype
+
     dtype = torch.bfloat16
-    eb = int(config.expert_numel * EXPERT_DTYPE_BYTES[expert_dtype])
-    p = make_plan(config, runtime, torch.device("cpu"), dtype, eb, strict=False)
-    fits_ctx = largest_context(config, runtime, torch.device("cpu"), dtype, eb)
+    fmt = expert_format(runtime.expert_dtype, stored_expert_dtype(config))  # the formats the runtime places
+    expert_dtype = fmt.name
+    p = make_plan(config, runtime, torch.device("cpu"), dtype, fmt, strict=False)
+    eb = p.expert_bytes
+    fits_ctx = largest_context(config, runtime, torch.device("cpu"), dtype, fmt)
     per_token_kv = kv_token_bytes(config, p.kv.k_type, p.kv.v_type)
     gpu_layers = len(config.moe_layers) - len(p.cpu_layers)
     # all-miss ceiling: every routed expert of a token crosses the link; those that live on disk
@@ -103,7 +105,7 @@ def plan(preset, expert_dtype, link_gbps, disk_gbps, as_json, runtime):
     kv_full = per_token_kv * (len(config.global_layers) * p.ctx_size
                               + (config.num_hidden_layers - len(config.global_layers)) * min(p.ctx_size, config.attention_chunk_size))
     # too big for one node: the resident part alone does not fit the GPU even with minimal KV
-    floor = make_plan(config, replace(runtime, ctx_size=min(DEFAULT_CTX, max_ctx)), torch.device("cpu"), dtype, eb, strict=False)
+    floor = make_plan(config, replace(runtime, ctx_size=min(DEFAULT_CTX, max_ctx)), torch.device("cpu"), dtype, fmt, strict=False)
     weights_fit = p.resident_bytes + p.workspace_bytes <= runtime.gpu_mem
     one_node = weights_fit and not (floor.problems and fits_ctx == 0)
     experts_on_cpu = not p.problems and gpu_layers > 0 and p.cache_slots == 0  # fits, but no slot on the GPU
@@ -128,8 +130,10 @@ def plan(preset, expert_dtype, link_gbps, disk_gbps, as_json, runtime):
     if p.disk_experts and not p.problems:
         advice.append(f"{p.disk_experts} experts on disk: more --cpu-mem ({fmt_in(all_experts, cpu_binary)} holds them all) "
                       "avoids NVMe reads")
-    if expert_dtype == "bf16" and p.cache_slots < p.n_experts:
-        advice.append("--expert-dtype fp8 halves the bytes each miss moves (needs an fp8 checkpoint)")
+    if p.cache_slots < p.n_experts and expert_dtype in ("bf16", "f16", "f32", "fp8") and "int4" in FORMATS:
+        smaller = FORMATS["int4"].nbytes(config.hidden_size, config.intermediate_size)
+        advice.append(f"--expert-dtype int4 moves {eb / smaller:.1f}x fewer bytes per miss and holds as many more experts "
+                      "in RAM (int8 / fp8: 2x fewer than bf16)")
 
     verdict = "does not fit" if p.problems else "fits, every routed expert on the CPU" if experts_on_cpu else "fits"
     report = {

@@ -24,13 +24,15 @@ from safetensors import safe_open
 
 from ..errors import MoestreamError
 from .config import ModelConfig, misused_model_path
-from .experts import pack_into
+from .formats import ExpertFormat, ExpertWeights
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,  # fbgemm_fp8 checkpoints' linear weights, each with a float scale per output
 }
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 IGNORED_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
@@ -276,11 +278,41 @@ class Checkpoint:
                     f"tensor {name} in {info.shard.name} has shape {list(info.shape)} but config.json "
                     f"implies {list(shape)}: config.json does not match these weights"
                 )
-            if info.dtype not in SAFETENSORS_DTYPES:
+            if info.dtype == "F8_E4M3" and len(shape) >= 2:
+                self._check_scale(name, shape)
+            elif info.dtype not in FLOAT_DTYPES:
                 raise MoestreamError(
-                    f"tensor {name} is stored as {info.dtype}; moestream reads bf16/f16/f32 checkpoints "
-                    "(quantized exports are not supported yet)"
+                    f"tensor {name} is stored as {info.dtype}; moestream reads bf16/f16/f32 checkpoints and "
+                    "fbgemm_fp8 ones (fp8 linear weights with per-output-channel scales)"
                 )
+
+    @staticmethod
+    def scale_name(name: str) -> str:
+        """Where an fp8 weight's scale lives: experts.gate_up_proj -> experts.gate_up_proj_scale (fused),
+        x.weight -> x.weight_scale (nn.Linear and per-expert)."""
+        return name + "_scale"
+
+    @staticmethod
+    def scale_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The fbgemm_fp8 scale shapes: one per output channel. Fused experts are x@W [E, in, out]:
+        gate_up_proj_scale [E, 1, 2F], down_proj_scale [E, D, 1] (as transformers' FbgemmFp8Llama4TextExperts
+        stores them); an nn.Linear weight [out, in] has weight_scale [out, 1]."""
+        if name.endswith("experts.gate_up_proj"):
+            return (shape[0], 1, shape[2])
+        if name.endswith("experts.down_proj"):
+            return (shape[0], shape[2], 1)
+        return (shape[0], 1)
+
+    def _check_scale(self, name: str, shape: tuple[int, ...]) -> None:
+        scale, want = self.scale_name(name), self.scale_shape(name, shape)
+        info = self.tensors.get(scale)
+        if info is None:
+            raise MoestreamError(f"tensor {name} is fp8 but its scale {scale} is missing: the checkpoint is incomplete "
+                                 "or was not written by an fbgemm_fp8 exporter; re-download it")
+        if info.shape != want or info.dtype not in FLOAT_DTYPES:
+            raise MoestreamError(f"the fp8 scale {scale} has shape {list(info.shape)} of {info.dtype} but {name} "
+                                 f"{list(shape)} needs {list(want)} of F32 (one per output channel): the checkpoint is "
+                                 "malformed; re-download it")
 
     # --- reads -----------------------------------------------------------------------------------
     def _handle(self, shard: Path):
@@ -289,68 +321,89 @@ class Checkpoint:
             h = self._handles[shard] = safe_open(str(shard), framework="pt")
         return h
 
-    def read(self, name: str) -> torch.Tensor:
-        """One whole tensor (a non-expert weight)."""
-        if name == "lm_head.weight" and name not in self.tensors:
-            name = "model.embed_tokens.weight"  # tied embeddings
+    def _raw(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
         return self._handle(info.shard).get_tensor(info.key)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One whole tensor (a non-expert weight); an fp8 one comes back dequantized to float32."""
+        if name == "lm_head.weight" and name not in self.tensors:
+            name = "model.embed_tokens.weight"  # tied embeddings
+        w = self._raw(name)
+        if w.dtype == torch.float8_e4m3fn:
+            return w.float() * self._raw(self.scale_name(name)).float()  # weight [out, in] * scale [out, 1]
+        return w
 
     def _slice(self, name: str, e: int) -> torch.Tensor:
         info = self.tensors[name]
         return self._handle(info.shard).get_slice(info.key)[e]
 
-    def read_expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One routed expert in x@W orientation: (gate_up [D, 2F], down [F, D]).
-
-        Only this expert's bytes are read from the memory-mapped files.
-        """
+    def read_expert(self, layer: int, e: int) -> ExpertWeights:
+        """One routed expert in x@W orientation: gate_up [D, 2F], down [F, D] (fp8 ones with their
+        per-output-channel scales). Only this expert's bytes are read from the memory-mapped files."""
         f = f"model.layers.{layer}.feed_forward.experts."
         if self.per_expert_keys:
-            gate = self.read(f + f"{e}.gate_proj.weight")
-            up = self.read(f + f"{e}.up_proj.weight")
-            gate_up = torch.cat([gate.t(), up.t()], dim=1)
-            down = self.read(f + f"{e}.down_proj.weight").t()
+            gate, up, down = (self._raw(f + f"{e}.{n}_proj.weight") for n in ("gate", "up", "down"))
+            # nn.Linear [out, in] -> x@W [in, out]
+            if gate.dtype == torch.float8_e4m3fn:  # no cat for fp8 on the CPU: join the bytes (same size)
+                gate_up = torch.cat([gate.t().view(torch.uint8), up.t().view(torch.uint8)], dim=1).view(gate.dtype)
+            else:
+                gate_up = torch.cat([gate.t(), up.t()], dim=1)
+            weights = ExpertWeights(gate_up, down.t())
+            if gate.dtype == torch.float8_e4m3fn:
+                scales = [self._raw(f + f"{e}.{n}_proj.weight_scale").reshape(-1) for n in ("gate", "up", "down")]
+                weights.gate_up_scale, weights.down_scale = torch.cat(scales[:2]), scales[2]
         else:
-            gate_up = self._slice(f + "gate_up_proj", e)
-            down = self._slice(f + "down_proj", e)
+            weights = ExpertWeights(self._slice(f + "gate_up_proj", e), self._slice(f + "down_proj", e))
+            if weights.gate_up.dtype == torch.float8_e4m3fn:
+                weights.gate_up_scale = self._slice(f + "gate_up_proj_scale", e).reshape(-1)
+                weights.down_scale = self._slice(f + "down_proj_scale", e).reshape(-1)
         self.expert_reads += 1
-        self.expert_bytes_read += gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
-        return gate_up, down
+        self.expert_bytes_read += sum(t.numel() * t.element_size() for t in vars(weights).values() if t is not None)
+        return weights
 
-    def reads_raw(self, dtype: torch.dtype) -> bool:
-        """Whether read_expert_into(..., out of `dtype` on the CPU) is positioned reads alone, no torch op."""
-        if self.per_expert_keys:
+    @property
+    def expert_dtype(self) -> torch.dtype:
+        """How the routed experts are stored (what --expert-dtype auto keeps)."""
+        f = f"model.layers.{self._first_moe()}.feed_forward.experts."
+        name = f + ("0.gate_proj.weight" if self.per_expert_keys else "gate_up_proj")
+        return SAFETENSORS_DTYPES[self.tensors[name].dtype] if name in self.tensors else self.dtype
+
+    def reads_raw(self, fmt: ExpertFormat) -> bool:
+        """Whether read_expert_into(..., fmt) is positioned reads alone, no torch op: the fused layout, in
+        the format's own dtype."""
+        if self.per_expert_keys or fmt.raw_dtype is None:
             return False
         f = f"model.layers.{self._first_moe()}.feed_forward.experts."
         parts = [self.tensors.get(f + "gate_up_proj"), self.tensors.get(f + "down_proj")]
-        return all(p is not None and SAFETENSORS_DTYPES[p.dtype] == dtype for p in parts)
+        return all(p is not None and SAFETENSORS_DTYPES[p.dtype] == fmt.raw_dtype for p in parts)
 
-    def read_expert_into(self, layer: int, e: int, out: torch.Tensor) -> None:
-        """Fill a flat host buffer with one packed expert [gate_up | down] (the ExpertStore's layout).
+    def read_expert_into(self, layer: int, e: int, out: torch.Tensor, fmt: ExpertFormat) -> None:
+        """Fill a uint8 host buffer with one expert packed in `fmt` (the ExpertStore's layout).
 
-        With the fused layout and matching dtype this is two positioned reads straight into `out`:
-        no memory map, no temporary, so filling the host tier never holds a second copy. The offsets
-        are trusted because read_safetensors_header checked every span against its shape and the file.
+        With the fused layout in the format's dtype this is two positioned reads straight into the
+        buffer's two parts: no memory map, no temporary, so filling the host tier never holds a second
+        copy. The offsets are trusted because read_safetensors_header checked every span against its
+        shape and the file. Anything else is read, then packed (quantized, converted) by the format.
         """
-        f = f"model.layers.{layer}.feed_forward.experts."
-        parts = [self.tensors.get(f + "gate_up_proj"), self.tensors.get(f + "down_proj")]
-        if self.per_expert_keys or out.device.type != "cpu" or any(SAFETENSORS_DTYPES[p.dtype] != out.dtype for p in parts):
-            pack_into(out, *self.read_expert(layer, e))
+        if out.device.type != "cpu" or not self.reads_raw(fmt):
+            fmt.pack(self.read_expert(layer, e), out)
             return
-        dest = out.view(torch.uint8).numpy()
-        pos = 0
-        for info in parts:
-            nbytes = int(torch.Size(info.shape[1:]).numel()) * out.element_size()
+        f = f"model.layers.{layer}.feed_forward.experts."
+        dest = out.numpy()
+        layout = fmt.layout(self.config.hidden_size, self.config.intermediate_size).parts
+        read = 0
+        for info, part in ((self.tensors[f + "gate_up_proj"], layout["gate_up"]), (self.tensors[f + "down_proj"], layout["down"])):
+            nbytes = part.nbytes
             fd = self._fds.get(info.shard)
             if fd is None:
                 fd = self._fds[info.shard] = os.open(info.shard, os.O_RDONLY)
-            got = os.preadv(fd, [memoryview(dest[pos:pos + nbytes])], info.offset + e * nbytes)
+            got = os.preadv(fd, [memoryview(dest[part.offset:part.offset + nbytes])], info.offset + e * nbytes)
             if got != nbytes:
                 raise MoestreamError(f"{info.shard.name} ended early while reading expert {e} of layer {layer}: re-download it")
-            pos += nbytes
+            read += nbytes
         self.expert_reads += 1
-        self.expert_bytes_read += pos
+        self.expert_bytes_read += read
 
     def snapshot(self) -> CheckpointStats:
         return CheckpointStats(self.expert_reads, self.expert_bytes_read)

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import MoestreamError
 
 LLAMA4_ARCHITECTURES = ("Llama4ForConditionalGeneration", "Llama4ForCausalLM", "Llama4TextModel")
+SUPPORTED_QUANT_METHODS = ("fbgemm_fp8",)  # Meta's official FP8 Llama 4 checkpoints
 LLAMA4_MODEL_TYPES = ("llama4", "llama4_text")
 HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as on huggingface.co
 GGUF_MAGIC = b"GGUF"
@@ -134,7 +135,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str = "bfloat16"
-    is_multimodal: bool = False  # saved as Llama4ForConditionalGeneration (text under text_config)
+    is_multimodal: bool = False
+    quant_method: str | None = None  # quantization_config.quant_method: None, or "fbgemm_fp8" (fp8 linear weights)  # saved as Llama4ForConditionalGeneration (text under text_config)
 
     # --- derived facts the rest of the runtime asks about ---
     def is_moe(self, layer: int) -> bool:
@@ -248,6 +250,12 @@ class ModelConfig:
         dtype = (t.raw.get("torch_dtype") or t.raw.get("dtype") or top.get("torch_dtype") or top.get("dtype")
                  or "bfloat16")
         tie = t.bool("tie_word_embeddings", _Fields(top, t.source).bool("tie_word_embeddings", False))
+        quant = t.raw.get("quantization_config", top.get("quantization_config"))
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        if quant is not None and method not in SUPPORTED_QUANT_METHODS:
+            raise MoestreamError(
+                f"{t.source}: quantization_config.quant_method {method!r} is not one moestream reads (it reads "
+                f"{', '.join(SUPPORTED_QUANT_METHODS)}; or a bf16 checkpoint with --expert-dtype int8/int4/int2/fp8)")
         chunk = t.raw.get("attention_chunk_size")
 
         return cls(
@@ -277,4 +285,5 @@ class ModelConfig:
             eos_token_ids=list(eos_ids),
             torch_dtype=str(dtype),
             is_multimodal=multimodal,
+            quant_method=method,
         )

@@ -8,8 +8,8 @@ compute in; `get` hands back weights on the compute device, or a twin that runs 
 (`expert.on_cpu`). A source also reports what it did (`snapshot()` -> ExpertStats) and lets go of
 threads and files (`close()`). The sources live in offload/: every expert resident, or offloaded.
 
-Each expert is ONE contiguous buffer [gate_up (D x 2F) | down (F x D)], so moving it between tiers
-is a single copy (as mixtral-offloading's expert cache has it).
+Each expert is ONE contiguous buffer in its format (model/formats.py: bf16, int8, int4, ...), so
+moving it between tiers is a single copy (as mixtral-offloading's expert cache has it).
 """
 
 from __future__ import annotations
@@ -18,44 +18,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
-
-
-class PackedExpert:
-    """One routed expert: buffer = [gate_up (D x 2F) | down (F x D)], x@W orientation."""
-
-    __slots__ = ("buffer", "gate_up", "down")
-    on_cpu = False  # runs where its buffer is (the compute device)
-
-    def __init__(self, buffer: torch.Tensor, hidden: int, inter: int):
-        self.buffer = buffer
-        n = hidden * 2 * inter
-        self.gate_up = buffer[:n].view(hidden, 2 * inter)
-        self.down = buffer[n:].view(inter, hidden)
-
-    @classmethod
-    def pack(cls, gate_up: torch.Tensor, down: torch.Tensor, device, dtype) -> "PackedExpert":
-        hidden, inter = down.shape[1], down.shape[0]
-        buffer = torch.empty(gate_up.numel() + down.numel(), device=device, dtype=dtype)
-        expert = cls(buffer, hidden, inter)
-        expert.gate_up.copy_(gate_up)
-        expert.down.copy_(down)
-        return expert
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """SwiGLU: down(silu(x @ Wgate) * (x @ Wup))."""
-        gate, up = (x @ self.gate_up).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ self.down
-
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
-
-
-def pack_into(out: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-    """Write one expert into a flat buffer in the packed layout [gate_up (D x 2F) | down (F x D)]."""
-    out[:gate_up.numel()].copy_(gate_up.flatten())
-    out[gate_up.numel():].copy_(down.flatten())
 
 
 @dataclass
@@ -78,6 +40,8 @@ class ExpertStats(ExpertCounters):
     """What an expert source did since load: one group of `llm.stats()`. All zero but `gets`,
     `resident` and `device_bytes` when every expert is resident."""
 
+    format: str = ""  # how experts are stored, moved and multiplied (--expert-dtype resolved)
+    bytes_per_expert: int = 0  # one packed expert in that format, scales included
     gets: int = 0  # calls through the seam
     resident: int = 0  # experts on the compute device now
     device_bytes: int = 0  # their bytes (the cache pool, or the resident experts)

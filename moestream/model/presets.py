@@ -21,5 +21,3 @@ SYNTHETIC = dict(PRESETS, tiny=dict(PRESETS["scout"], vocab_size=512, hidden_siz
                                     intermediate_size_mlp=128, num_hidden_layers=4, num_attention_heads=4,
                                     num_key_value_heads=2, head_dim=16, attention_chunk_size=32,
                                     max_position_embeddings=4096, rope_scaling=None))
-# bytes per weight of the expert formats `plan --expert-dtype` plans for (int4: a bf16 scale per group of 128)
-EXPERT_DTYPE_BYTES = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5 + 2 / 128}

@@ -16,7 +16,7 @@ import torch
 from ..errors import MoestreamError
 from .checkpoint import Checkpoint, CheckpointStats
 from .config import ModelConfig
-from .experts import pack_into
+from .formats import ExpertFormat, ExpertWeights
 from .presets import SYNTHETIC
 
 
@@ -41,8 +41,12 @@ class SyntheticCheckpoint:
         self.expert_reads = 0
         self.expert_bytes_read = 0
 
-    def reads_raw(self, dtype: torch.dtype) -> bool:
+    def reads_raw(self, fmt: ExpertFormat) -> bool:
         return False  # experts are drawn with torch ops
+
+    @property
+    def expert_dtype(self) -> torch.dtype:
+        return self.dtype
 
     def _random(self, name: str, shape) -> torch.Tensor:
         if name.endswith("norm.weight"):
@@ -53,15 +57,15 @@ class SyntheticCheckpoint:
     def read(self, name: str) -> torch.Tensor:
         return self._random(name, self.shapes[name])
 
-    def read_expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_expert(self, layer: int, e: int) -> ExpertWeights:
         D, F = self.config.hidden_size, self.config.intermediate_size
         self.expert_reads += 1
         self.expert_bytes_read += 3 * D * F * torch.empty((), dtype=self.dtype).element_size()
         f = f"model.layers.{layer}.feed_forward.experts.{e}."
-        return self._random(f + "gate_up", (D, 2 * F)), self._random(f + "down", (F, D))
+        return ExpertWeights(self._random(f + "gate_up", (D, 2 * F)), self._random(f + "down", (F, D)))
 
-    def read_expert_into(self, layer: int, e: int, out: torch.Tensor) -> None:
-        pack_into(out, *self.read_expert(layer, e))
+    def read_expert_into(self, layer: int, e: int, out: torch.Tensor, fmt: ExpertFormat) -> None:
+        fmt.pack(self.read_expert(layer, e), out)
 
     def snapshot(self) -> CheckpointStats:
         return CheckpointStats(self.expert_reads, self.expert_bytes_read)

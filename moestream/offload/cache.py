@@ -1,6 +1,7 @@
 """ExpertCache: slots on the compute device holding packed experts; which expert sits where.
 
-A slot is one row of a single pool tensor, so an expert fetch is one copy into one row. Capacity is
+A slot is one row of a single byte pool, in the experts' format, so an expert fetch is one copy into
+one row. Capacity is
 either one pool shared by all layers ("global") or an equal share per MoE layer ("per-layer"); the
 policy (offload/policies.py) picks the victim within a key's group.
 """
@@ -9,18 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from ..model.experts import PackedExpert
+from ..model.formats import ExpertFormat
 from .policies import POLICIES, Key
 
 
 class ExpertCache:
     """`slots` packed experts on the compute device; which expert sits where; who goes next."""
 
-    def __init__(self, slots: int, hidden: int, inter: int, device, dtype, policy: str, split: str,
+    def __init__(self, slots: int, fmt: ExpertFormat, hidden: int, inter: int, device, policy: str, split: str,
                  moe_layers: list[int]):
-        self.numel = 3 * hidden * inter
-        self.pool = torch.empty(slots, self.numel, device=device, dtype=dtype)
-        self.slot_experts = [PackedExpert(self.pool[i], hidden, inter) for i in range(slots)]  # views of the rows
+        self.pool = torch.empty(slots, fmt.nbytes(hidden, inter), device=device, dtype=torch.uint8)
+        self.slot_experts = [fmt.expert(self.pool[i], hidden, inter) for i in range(slots)]  # views of the rows
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * slots
         self.policy = POLICIES[policy](moe_layers)
@@ -43,7 +43,7 @@ class ExpertCache:
 
     @property
     def nbytes(self) -> int:
-        return self.pool.numel() * self.pool.element_size()
+        return self.pool.numel()
 
     def snapshot(self) -> dict:
         return {"slots": self.slots, "resident": len(self.slot_of), "device_bytes": self.nbytes}

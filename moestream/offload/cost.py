@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.experts import PackedExpert
 
 
 def best_seconds(fn, device: torch.device, repeats: int = 5) -> float:
@@ -49,17 +48,16 @@ class CostModel:
         return self.cpu_seconds(tokens) < self.fetch_seconds(tokens)
 
     @classmethod
-    def calibrate(cls, host_expert: PackedExpert, slot: torch.Tensor, slot_expert: PackedExpert,
-                  device: torch.device) -> "CostModel":
-        """Measure one copy and expert compute at 1 and 32 tokens, on both sides."""
+    def calibrate(cls, host_expert, slot: torch.Tensor, slot_expert, device: torch.device, hidden: int,
+                  dtype: torch.dtype) -> "CostModel":
+        """Measure one copy and expert compute at 1 and 32 tokens of `dtype` activations, on both sides."""
         src = host_expert.buffer
         nbytes = src.numel() * src.element_size()
         copy = best_seconds(lambda: slot.copy_(src, non_blocking=True), device)
-        hidden = host_expert.down.shape[1]
         timings = []
         for expert, dev in ((host_expert, torch.device("cpu")), (slot_expert, device)):
-            t1 = best_seconds(lambda: expert(torch.randn(1, hidden, dtype=src.dtype, device=dev)), dev)
-            t32 = best_seconds(lambda: expert(torch.randn(32, hidden, dtype=src.dtype, device=dev)), dev)
+            t1 = best_seconds(lambda: expert(torch.randn(1, hidden, dtype=dtype, device=dev)), dev)
+            t32 = best_seconds(lambda: expert(torch.randn(32, hidden, dtype=dtype, device=dev)), dev)
             per_token = max(0.0, (t32 - t1) / 31)
             timings += [max(0.0, t1 - per_token), per_token]
         return cls(nbytes / max(copy, 1e-9), nbytes, *timings)

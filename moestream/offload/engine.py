@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from ..model.experts import ExpertCounters, ExpertStats, PackedExpert
+from ..model.experts import ExpertCounters, ExpertStats
+from ..model.formats import Expert
 from .cache import ExpertCache
 from .cost import CostModel
 from .prefetch import Prefetcher
@@ -31,12 +32,12 @@ class CPUExpert:
     __slots__ = ("expert", "counters")
     on_cpu = True
 
-    def __init__(self, expert: PackedExpert, counters: ExpertCounters):
+    def __init__(self, expert: Expert, counters: ExpertCounters):
         self.expert, self.counters = expert, counters
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        y = self.expert(x.to("cpu", self.expert.buffer.dtype)).to(x.device, x.dtype)
+        y = self.expert(x.to("cpu")).to(x.device)
         self.counters.cpu_seconds += time.perf_counter() - t0
         return y
 
@@ -129,7 +130,8 @@ class OffloadedExperts:
     def snapshot(self) -> ExpertStats:
         """The counters of every part, as one group of llm.stats()."""
         prefetch = self.prefetcher.snapshot() if self.prefetcher is not None else {}
-        return ExpertStats(gets=self.gets, **vars(self.counters), **self.cache.snapshot(),
+        return ExpertStats(format=self.store.fmt.name, bytes_per_expert=self.store.nbytes, gets=self.gets,
+                           **vars(self.counters), **self.cache.snapshot(),
                            **self.transfer.snapshot(), **self.store.snapshot(),
                            prefetch_recall={d: v["recall"] for d, v in prefetch.items()},
                            prefetch_precision={d: v["precision"] for d, v in prefetch.items()})

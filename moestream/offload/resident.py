@@ -9,30 +9,33 @@ from __future__ import annotations
 
 import torch
 
-from ..model.experts import ExpertStats, PackedExpert
+from ..model.experts import ExpertStats
+from ..model.formats import Expert, ExpertFormat
 
 
 class ResidentExperts:
-    def __init__(self, checkpoint, device, dtype):
-        self.checkpoint = checkpoint
-        self.device, self.dtype = device, dtype
-        self.loaded: dict[tuple[int, int], PackedExpert] = {}
+    def __init__(self, checkpoint, fmt: ExpertFormat, device):
+        self.checkpoint, self.fmt, self.device = checkpoint, fmt, device
+        self.hidden, self.inter = checkpoint.config.hidden_size, checkpoint.config.intermediate_size
+        self.loaded: dict[tuple[int, int], Expert] = {}
         self.gets = 0  # calls through the seam
 
     def prepare(self, layer: int, wanted: list[int], h: torch.Tensor) -> list[int]:
         """Nothing to plan when every expert is resident: compute in the router's order."""
         return wanted
 
-    def get(self, layer: int, e: int) -> PackedExpert:
+    def get(self, layer: int, e: int) -> Expert:
         self.gets += 1
         expert = self.loaded.get((layer, e))
         if expert is None:
-            gate_up, down = self.checkpoint.read_expert(layer, e)
-            expert = self.loaded[(layer, e)] = PackedExpert.pack(gate_up, down, self.device, self.dtype)
+            buffer = torch.empty(self.fmt.nbytes(self.hidden, self.inter), dtype=torch.uint8)
+            self.checkpoint.read_expert_into(layer, e, buffer, self.fmt)  # packed on the host, then moved once
+            expert = self.loaded[(layer, e)] = self.fmt.expert(buffer.to(self.device), self.hidden, self.inter)
         return expert
 
     def snapshot(self) -> ExpertStats:
-        return ExpertStats(gets=self.gets, resident=len(self.loaded),
+        return ExpertStats(format=self.fmt.name, bytes_per_expert=self.fmt.nbytes(self.hidden, self.inter),
+                           gets=self.gets, resident=len(self.loaded),
                            device_bytes=sum(x.nbytes for x in self.loaded.values()))
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from ..errors import MoestreamError
 from ..files import (TMP_SUFFIX, FileLock, cache_dir, describe_os_error, fsync_directory, make_directory, refuse_foreign,
                      temporary_name)
 from ..model.checkpoint import Checkpoint
-from ..model.experts import PackedExpert
+from ..model.formats import ExpertFormat
 
 BLOCK_ALIGN = 4096  # disk blocks start on page boundaries (O_DIRECT-friendly, no straddled pages)
 
@@ -47,8 +47,9 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
 class RepackedFile:
     """Disk tier: experts in one file, after a header that describes them, one aligned block each.
 
-    The header (MAGIC, its length, then JSON: format, checkpoint, fingerprint, dtype, numel, block,
-    keys and one checksum per block; padded to BLOCK_ALIGN) is part of the file, so the file is valid
+    The header (MAGIC, its length, then JSON: format, checkpoint, fingerprint, the experts' storage
+    format (--expert-dtype: a change rebuilds the file), bytes per expert, block, keys and one checksum
+    per block; padded to BLOCK_ALIGN) is part of the file, so the file is valid
     iff its header says so, with no sidecar to get out of step. It is built under a temporary name,
     fsynced and renamed into place while the expert directory's lock is held: a second process waits
     and then reuses it, and a writer that dies leaves only its temporary, which the next holder of the
@@ -56,19 +57,17 @@ class RepackedFile:
     place is never used: it is removed and the read fails with one line.
     """
 
-    FORMAT = "moestream-experts/2"
+    FORMAT = "moestream-experts/3"
     MAGIC = b"moestream-experts\n"
     LOCK = ".moestream-experts.lock"  # one per directory: every writer of *.experts there holds it
 
-    def __init__(self, directory: Path, checkpoint_id: str, label: str, keys: list[tuple[int, int]], numel: int,
-                 dtype: torch.dtype, fingerprint: str):
-        self.directory, self.keys, self.numel, self.dtype = directory, keys, numel, dtype
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        self.nbytes = numel * itemsize
+    def __init__(self, directory: Path, checkpoint_id: str, label: str, keys: list[tuple[int, int]], nbytes: int,
+                 expert_format: str, fingerprint: str):
+        self.directory, self.keys, self.nbytes = directory, keys, nbytes
         self.block = -(-self.nbytes // BLOCK_ALIGN) * BLOCK_ALIGN
         self.index = {key: i for i, key in enumerate(keys)}
         self.meta = {"format": self.FORMAT, "checkpoint": checkpoint_id, "fingerprint": fingerprint,
-                     "dtype": str(dtype).removeprefix("torch."), "numel": numel, "block": self.block,
+                     "expert_format": expert_format, "nbytes": nbytes, "block": self.block,
                      "keys": [list(k) for k in keys], "checksum": "xxh3_64"}
         # one file per (checkpoint, layout, dtype): its name is a hash of everything the header must match
         digest = hashlib.sha1(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:16]
@@ -226,57 +225,59 @@ class RepackedFile:
 
 
 class ExpertStore:
-    """Every routed expert of the model, packed, in host RAM up to `host_experts`, the rest on disk.
+    """Every routed expert of the model, packed in its format, in host RAM up to `host_experts`, the
+    rest on disk.
 
-    Filling the host tier reads one expert at a time straight into its row of the (pinned) host
+    Filling the host tier packs one expert at a time straight into its row of the (pinned) host
     buffer, so loading never holds two copies of the experts in RAM.
     """
 
-    def __init__(self, checkpoint: Checkpoint, keys: list[tuple[int, int]], host_experts: int, dtype: torch.dtype,
+    def __init__(self, checkpoint: Checkpoint, keys: list[tuple[int, int]], host_experts: int, fmt: ExpertFormat,
                  pin: bool, expert_dir: Path | None, repack: bool = True, progress=None):
         c = checkpoint.config
-        self.checkpoint, self.dtype = checkpoint, dtype
+        self.checkpoint, self.fmt = checkpoint, fmt
         self.hidden, self.inter = c.hidden_size, c.intermediate_size
-        self.numel = c.expert_numel
+        self.nbytes = fmt.nbytes(self.hidden, self.inter)
         self.host_keys = keys[:host_experts]
         self.disk_keys = keys[host_experts:]
         self.host_index = {key: i for i, key in enumerate(self.host_keys)}
-        self.host = torch.empty(len(self.host_keys), self.numel, dtype=dtype, pin_memory=pin)
-        self.host_experts = [PackedExpert(self.host[i], self.hidden, self.inter) for i in range(len(self.host_keys))]
+        self.host = torch.empty(len(self.host_keys), self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.host_experts = [fmt.expert(self.host[i], self.hidden, self.inter) for i in range(len(self.host_keys))]
         for i, key in enumerate(self.host_keys):
-            checkpoint.read_expert_into(*key, self.host[i])
+            checkpoint.read_expert_into(*key, self.host[i], fmt)
             if progress:
-                progress(self.host[i].numel() * self.host.element_size())
+                progress(self.nbytes)
         self.file: RepackedFile | None = None
         if self.disk_keys and repack:
             self.file = RepackedFile(Path(expert_dir or cache_dir()).expanduser(), str(Path(checkpoint.path).resolve()),
-                                     checkpoint.path.name, self.disk_keys, self.numel, dtype, checkpoint.fingerprint())
-            staging = torch.empty(self.numel, dtype=dtype)
-            self.file.prepare(lambda key, buf: checkpoint.read_expert_into(*key, buf), staging, progress)
+                                     checkpoint.path.name, self.disk_keys, self.nbytes, fmt.name, checkpoint.fingerprint())
+            staging = torch.empty(self.nbytes, dtype=torch.uint8)
+            self.file.prepare(lambda key, buf: checkpoint.read_expert_into(*key, buf, fmt), staging, progress)
 
     def tier(self, key: tuple[int, int]) -> str:
         return "host" if key in self.host_index else "disk"
 
-    def host_expert(self, key: tuple[int, int]) -> PackedExpert:
+    def host_expert(self, key: tuple[int, int]):
         return self.host_experts[self.host_index[key]]
 
     @property
     def reads_with_torch(self) -> bool:
-        """Disk reads that convert or gather with torch ops (straight from a checkpoint whose layout or
-        dtype differs from the store's): they must run on the compute thread, because torch ops on
-        another thread start a second OpenMP team whose spinning threads take the cores from compute."""
-        return bool(self.disk_keys) and self.file is None and not self.checkpoint.reads_raw(self.dtype)
+        """Disk reads that convert, quantize or gather with torch ops (straight from a checkpoint whose
+        layout or dtype differs from the store's format): they must run on the compute thread, because
+        torch ops on another thread start a second OpenMP team whose spinning threads take the cores
+        from compute."""
+        return bool(self.disk_keys) and self.file is None and not self.checkpoint.reads_raw(self.fmt)
 
     def read_into(self, key: tuple[int, int], out: torch.Tensor) -> int:
-        """Bring a disk-tier expert into a flat host buffer (the repacked file, or the checkpoint)."""
+        """Bring a disk-tier expert into a uint8 host buffer (the repacked file, or the checkpoint)."""
         if self.file is not None:
             return self.file.read_into(key, out)
-        self.checkpoint.read_expert_into(*key, out)
-        return self.numel * out.element_size()
+        self.checkpoint.read_expert_into(*key, out, self.fmt)
+        return self.nbytes
 
     @property
     def host_bytes(self) -> int:
-        return self.host.numel() * self.host.element_size()
+        return self.host.numel()
 
     def snapshot(self) -> dict:
         return {"host_bytes": self.host_bytes, "disk_experts": len(self.disk_keys)}

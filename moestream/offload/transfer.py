@@ -21,7 +21,6 @@ from concurrent.futures import Future
 
 import torch
 
-from ..model.experts import PackedExpert
 from ..profiling.recorder import NULL
 from .cache import ExpertCache
 from .store import ExpertStore
@@ -100,7 +99,7 @@ class TransferEngine:
         if self.cuda:
             self.demand_stream = torch.cuda.Stream(device, priority=-1)
             self.prefetch_stream = torch.cuda.Stream(device)
-            self.staging = torch.empty(store.numel, dtype=store.dtype, pin_memory=True)
+            self.staging = torch.empty(store.nbytes, dtype=torch.uint8, pin_memory=True)
 
     def fetch(self, key, slot: int, prefetch: bool = False) -> Ticket:
         dst = self.cache.pool[slot]
@@ -152,11 +151,11 @@ class TransferEngine:
 
         return Ticket(future=self.worker.submit(priority, from_disk), event=done, prefetch=prefetch)
 
-    def read_to_host(self, key) -> PackedExpert:
+    def read_to_host(self, key):
         """A disk-tier expert read into a fresh host buffer (to run on the CPU), on this thread."""
-        buffer = torch.empty(self.store.numel, dtype=self.store.dtype)
+        buffer = torch.empty(self.store.nbytes, dtype=torch.uint8)
         self.bytes_disk_to_host += self.store.read_into(key, buffer)
-        return PackedExpert(buffer, self.store.hidden, self.store.inter)
+        return self.store.fmt.expert(buffer, self.store.hidden, self.store.inter)
 
     def snapshot(self) -> dict:
         return {"bytes_host_to_device": self.bytes_host_to_device, "bytes_disk_to_host": self.bytes_disk_to_host}

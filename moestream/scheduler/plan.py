@@ -101,7 +101,8 @@ def workspace_bytes(c: ModelConfig, itemsize: int) -> int:
 @dataclass
 class Plan:
     ctx_size: int
-    expert_bytes: int  # one packed routed expert at the compute dtype
+    expert_bytes: int  # one packed routed expert in its format (what host RAM, disk and the link hold per expert)
+    expert_format: str  # --expert-dtype resolved: bf16, fp8, int8, int4, int2, ...
     n_experts: int  # routed experts in all MoE layers
     resident_bytes: int
     kv_bytes: int
@@ -144,10 +145,10 @@ def _raise(message: str):
     raise MoestreamError(message)
 
 
-def make_plan(c: ModelConfig, rt: RuntimeConfig, device, dtype, expert_bytes: int | None = None,
-              strict: bool = True) -> Plan:
+def make_plan(c: ModelConfig, rt: RuntimeConfig, device, dtype, fmt, strict: bool = True) -> Plan:
     """Placement from shapes and budgets. strict: a budget that cannot work raises MoestreamError;
     otherwise (the `plan` command) the reasons are collected in plan.problems and the plan goes on.
+    fmt: the experts' ExpertFormat (model/formats.py): the same bytes per expert the runtime places.
     A flag that makes no sense for this model (--prefetch past its last MoE layer) always raises."""
     import torch
 
@@ -164,7 +165,7 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device, dtype, expert_bytes: in
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     ctx = rt.ctx_size or min(c.max_position_embeddings, DEFAULT_CTX)
-    eb = expert_bytes or c.expert_numel * itemsize
+    eb = fmt.nbytes(c.hidden_size, c.intermediate_size)
     n_experts = len(c.moe_layers) * c.num_local_experts
     cpu_layers = frozenset(c.moe_layers if rt.cpu_moe else [i for i in c.moe_layers if i < rt.n_cpu_moe])
     gpu_side = n_experts - len(cpu_layers) * c.num_local_experts
@@ -218,15 +219,15 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device, dtype, expert_bytes: in
         host = min(n_experts, rt.cpu_mem // eb)
     else:
         host = min(n_experts, default_cpu_mem() // eb)
-    return Plan(ctx, eb, n_experts, res, kv, ws, layout, slots, cpu_layers, host, resident, gpu_mem, problems)
+    return Plan(ctx, eb, fmt.name, n_experts, res, kv, ws, layout, slots, cpu_layers, host, resident, gpu_mem, problems)
 
 
-def largest_context(c: ModelConfig, rt: RuntimeConfig, device, dtype, expert_bytes: int | None = None) -> int:
+def largest_context(c: ModelConfig, rt: RuntimeConfig, device, dtype, fmt) -> int:
     """The longest -c whose plan has no problem under these budgets (0 if none)."""
     from dataclasses import replace
 
     def fits(ctx: int) -> bool:
-        return not make_plan(c, replace(rt, ctx_size=ctx), device, dtype, expert_bytes, strict=False).problems
+        return not make_plan(c, replace(rt, ctx_size=ctx), device, dtype, fmt, strict=False).problems
 
     lo, hi = 0, c.max_position_embeddings
     if fits(hi):

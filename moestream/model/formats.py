@@ -1,0 +1,621 @@
+"""Expert formats: how one routed expert is stored, moved and multiplied.
+
+A format packs an expert's two matrices — gate_up [D, 2F] and down [F, D], x@W orientation — and
+their scales into ONE contiguous byte buffer, so that wherever the expert lies (host RAM, the
+repacked disk file, a device cache slot) moving it is a single copy, and it computes straight from
+that buffer: mixed-precision kernels where they exist, never a dequantized copy of a whole layer.
+
+    fmt = FORMATS["int8"]
+    buf = torch.empty(fmt.nbytes(D, F), dtype=torch.uint8)
+    fmt.pack(ExpertWeights(gate_up, down), buf)   # quantize once, at placement
+    y = fmt.expert(buf, D, F)(x)                  # SwiGLU through the format's kernels
+
+Every part of a buffer starts on an ALIGN-byte boundary, so its typed views (.view(dtype)) are
+legal on any device and vectorised loads stay aligned.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import MoestreamError
+
+ALIGN = 64  # bytes: each part of a packed buffer starts on a cache-line boundary
+
+
+@dataclass
+class ExpertWeights:
+    """One routed expert as a checkpoint gives it: float matrices, or fp8 ones with per-output-channel
+    scales (the official FP8 checkpoints: w[i, o] * scale[o])."""
+
+    gate_up: torch.Tensor  # [D, 2F]
+    down: torch.Tensor  # [F, D]
+    gate_up_scale: torch.Tensor | None = None  # [2F], when gate_up is float8_e4m3fn
+    down_scale: torch.Tensor | None = None  # [D]
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) in float32 (exact for float and fp8 weights alike)."""
+        if self.gate_up_scale is None:
+            return self.gate_up.float(), self.down.float()
+        return (self.gate_up.float() * self.gate_up_scale.float(), self.down.float() * self.down_scale.float())
+
+
+@dataclass(frozen=True)
+class Part:
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class Layout:
+    """Named parts of one packed buffer, each at an ALIGN-aligned offset."""
+
+    def __init__(self, parts: list[tuple[str, tuple[int, ...], torch.dtype]]):
+        self.parts: dict[str, Part] = {}
+        offset = 0
+        for name, shape, dtype in parts:
+            part = Part(offset, tuple(shape), dtype)
+            self.parts[name] = part
+            offset += -(-part.nbytes // ALIGN) * ALIGN
+        self.nbytes = offset
+
+    def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed views of a uint8 buffer [nbytes] (no copy)."""
+        return {name: buffer[p.offset:p.offset + p.nbytes].view(p.dtype).view(p.shape) for name, p in self.parts.items()}
+
+
+class Expert:
+    """A callable routed expert over a packed buffer: SwiGLU down(silu(x Wg) * (x Wu)) through the
+    format's matmul. `on_cpu` False: it runs where its buffer is (the compute device)."""
+
+    __slots__ = ("buffer", "parts", "matmul")
+    on_cpu = False
+
+    def __init__(self, buffer: torch.Tensor, parts: dict[str, torch.Tensor], matmul):
+        self.buffer, self.parts, self.matmul = buffer, parts, matmul
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.matmul(x, "gate_up", self.parts).chunk(2, dim=-1)
+        return self.matmul(F.silu(gate) * up, "down", self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+
+class ExpertFormat:
+    """How one expert is laid out and multiplied. Subclasses give layout(), pack(), matmul() and
+    dequantize(); `name` is what --expert-dtype and the repacked file's header call it."""
+
+    name = "?"
+    raw_dtype: torch.dtype | None = None  # a fused checkpoint tensor of this dtype reads straight into the buffer
+
+    def layout(self, hidden: int, inter: int) -> Layout:
+        raise NotImplementedError
+
+    def nbytes(self, hidden: int, inter: int) -> int:
+        """Bytes of one packed expert: what host RAM, the disk file and the link hold per expert."""
+        return self.layout(hidden, inter).nbytes
+
+    def pack(self, weights: ExpertWeights, out: torch.Tensor) -> None:
+        """Quantize or convert one expert into the uint8 buffer `out` (done once, at placement)."""
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x @ W for W = "gate_up" or "down", from the packed parts, in x's dtype."""
+        raise NotImplementedError
+
+    def dequantize(self, buffer: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) in float32, as the kernels see them: the reference the kernels are tested against."""
+        raise NotImplementedError
+
+    def expert(self, buffer: torch.Tensor, hidden: int, inter: int) -> Expert:
+        return Expert(buffer, self.layout(hidden, inter).views(buffer), self.matmul)
+
+    @property
+    def signature(self) -> str:
+        """Everything the bytes of a packed buffer depend on: a stored buffer is valid only under the
+        same signature (a repacked file's header should record it, not just the name)."""
+        return self.name
+
+
+class Plain(ExpertFormat):
+    """Unquantized: the matrices in one float dtype, back to back. Computed in the activations' dtype
+    (f32 activations over bf16 weights upcast the weights, exactly)."""
+
+    def __init__(self, name: str, dtype: torch.dtype):
+        self.name, self.dtype, self.raw_dtype = name, dtype, dtype
+
+    def layout(self, hidden: int, inter: int) -> Layout:
+        # a fused checkpoint's slices of this dtype are read straight into these two parts (raw reads)
+        return Layout([("gate_up", (hidden, 2 * inter), self.dtype), ("down", (inter, hidden), self.dtype)])
+
+    def pack(self, weights: ExpertWeights, out: torch.Tensor) -> None:
+        gate_up, down = (weights.gate_up, weights.down) if weights.gate_up_scale is None else weights.dequantized()
+        parts = self.layout(down.shape[1], down.shape[0]).views(out)
+        parts["gate_up"].copy_(gate_up)
+        parts["down"].copy_(down)
+
+    def matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = parts[which]
+        return x @ (w if w.dtype == x.dtype else w.to(x.dtype))
+
+    def dequantize(self, buffer: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.layout(hidden, inter).views(buffer)
+        return parts["gate_up"].float(), parts["down"].float()
+
+
+# --- quantized formats ---------------------------------------------------------------------------
+#
+# They keep each matrix output-major, W^T [N, K] (N output channels: 2F for gate_up, D for down; K
+# the input dim), because torch's CPU weight-only kernels read it so, and pack from float32 rows of
+# W^T a few million weights at a time, so placement never holds a float32 copy of a whole expert.
+# Scales and zero points are bfloat16 and the weights are quantized against the rounded values: the
+# kernels read bfloat16 scales, so dequantize() is exact for both activation dtypes. The kernels'
+# fast paths take bfloat16 activations (their float32 versions are scalar loops, many times
+# slower), so float32 activations are rounded to bfloat16 on the way in and the result comes back
+# as float32: an output error of about 2^-9 relative, far below the quantization error.
+
+PACK_ELEMENTS = 1 << 22  # weights quantized per step of pack()
+INT2_CHUNK_BYTES = 1 << 19  # int4-kernel bytes an int2 matrix expands to per kernel call (stays in L2)
+FP8_CHUNK_BYTES = 1 << 20  # converted fp8 weights per matmul step (stay in L2)
+
+
+def _spans(n: int, k: int) -> list[tuple[int, int]]:
+    """Output-channel ranges to quantize at a time: multiples of 64 rows (whole int4 kernel blocks)."""
+    rows = max(64, PACK_ELEMENTS // k // 64 * 64)
+    return [(n0, min(n, n0 + rows)) for n0 in range(0, n, rows)]
+
+
+def _channels(w: torch.Tensor, scale: torch.Tensor | None, n0: int, n1: int) -> torch.Tensor:
+    """Output channels n0..n1 of a checkpoint matrix (x@W, [K, N]) as float32 rows [n1 - n0, K]."""
+    c = w[:, n0:n1].float()
+    if scale is not None:
+        c = c * scale[n0:n1].float()
+    return c.t()
+
+
+def _matrices(weights: ExpertWeights) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    return [("gate_up", weights.gate_up, weights.gate_up_scale), ("down", weights.down, weights.down_scale)]
+
+
+def _dims(weights: ExpertWeights) -> tuple[int, int]:
+    """(hidden, inter) of an expert, refusing matrices that do not fit together."""
+    inter, hidden = weights.down.shape
+    if tuple(weights.gate_up.shape) != (hidden, 2 * inter):
+        raise MoestreamError(f"expert matrices gate_up {list(weights.gate_up.shape)} and down {list(weights.down.shape)} "
+                             f"do not fit together (gate_up should be [{hidden}, {2 * inter}]): the checkpoint is malformed")
+    return hidden, inter
+
+
+def _check_dims(name: str, hidden: int, inter: int, multiple: int, instead: str) -> None:
+    if hidden % multiple or inter % multiple or hidden <= 0 or inter <= 0:
+        raise MoestreamError(f"--expert-dtype {name} needs hidden and intermediate sizes that are multiples of {multiple} "
+                             f"(this model: {hidden} and {inter}): use --expert-dtype {instead}")
+
+
+def _check_out(out: torch.Tensor, nbytes: int) -> None:
+    if out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous() or out.numel() < nbytes:
+        raise ValueError(f"an expert packs into a contiguous 1-D uint8 buffer of {nbytes} bytes, "
+                         f"not {out.dtype} {list(out.shape)}")
+
+
+def _kernel_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x as the CPU kernels need it: 2-D bfloat16, contiguous and 64-byte aligned (the int8 kernel's
+    aligned loads fault on a misaligned view)."""
+    x2 = x.reshape(-1, k).to(torch.bfloat16)
+    if not x2.is_contiguous() or x2.data_ptr() % ALIGN:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    return x2
+
+
+_scratch = threading.local()
+
+
+def _scratch_buffer(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused work buffer of n elements, one per (thread, dtype, device): what a call unpacks into,
+    so that the per-call cost is the unpacking, not an allocation."""
+    bufs = _scratch.__dict__.setdefault("bufs", {})
+    key = (dtype, str(device))
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < n:
+        buf = bufs[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n]
+
+
+class _Quantized(ExpertFormat):
+    """A format computed by torch's CPU weight-only kernels. Off the CPU (a GPU) it multiplies by the
+    dequantized matrix: correct, not fast."""
+
+    def matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        if parts[which].device.type == "cpu":
+            return self._cpu_matmul(x, which, parts)
+        return x @ self.weight(parts, which).to(x.dtype)
+
+    def dequantize(self, buffer: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.layout(hidden, inter).views(buffer)
+        return self.weight(parts, "gate_up"), self.weight(parts, "down")
+
+    def _cpu_matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight(self, parts: dict[str, torch.Tensor], which: str) -> torch.Tensor:
+        """One matrix as the kernels see it: float32 [K, N], x@W orientation."""
+        raise NotImplementedError
+
+
+class Int8(_Quantized):
+    """Per-output-channel symmetric int8, one bfloat16 scale per channel: w[k, n] = q[n, k] * scale[n].
+    Computed by aten._weight_int8pack_mm, which reads 1 byte per weight."""
+
+    name = "int8"
+
+    def layout(self, hidden: int, inter: int) -> Layout:
+        _check_dims(self.name, hidden, inter, 16, "bf16")  # the kernel steps through K 16 at a time
+        return Layout([("gate_up", (2 * inter, hidden), torch.int8), ("gate_up_scale", (2 * inter,), torch.bfloat16),
+                       ("down", (hidden, inter), torch.int8), ("down_scale", (hidden,), torch.bfloat16)])
+
+    def pack(self, weights: ExpertWeights, out: torch.Tensor) -> None:
+        layout = self.layout(*_dims(weights))
+        _check_out(out, layout.nbytes)
+        parts = layout.views(out)
+        for which, w, scale in _matrices(weights):
+            q, s = parts[which], parts[which + "_scale"]
+            for n0, n1 in _spans(*q.shape):
+                rows = _channels(w, scale, n0, n1)
+                s[n0:n1] = rows.abs().amax(dim=1) / 127
+                step = s[n0:n1].float()
+                q[n0:n1] = (rows / torch.where(step == 0, 1.0, step)[:, None]).round_().clamp_(-127, 127)
+
+    def _cpu_matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        q, s = parts[which], parts[which + "_scale"]
+        if q.data_ptr() % 16:
+            raise ValueError("int8 expert weights must start on a 16-byte boundary (the kernel's aligned loads)")
+        y = torch.ops.aten._weight_int8pack_mm(_kernel_rows(x, q.shape[1]), q, s)
+        return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+
+    def weight(self, parts: dict[str, torch.Tensor], which: str) -> torch.Tensor:
+        return (parts[which].float() * parts[which + "_scale"].float()[:, None]).t()
+
+
+# torch's int4 CPU kernel reads its weights in a layout of its own that depends on the CPU's vector
+# width: W^T in blocks of `block` output channels, each block [K, block / 2] bytes, the two nibbles
+# of a byte either channels j and j + block/2 ("halves", AVX2 / AVX-512) or j and j + 1 ("pairs",
+# scalar code, and the last, narrower block always). _int4_layout() finds out which by packing a probe.
+_INT4_LAYOUTS = [("halves", 64), ("halves", 32), ("pairs", 64), ("pairs", 32), ("pairs", 16)]
+_int4_layout_found: list[tuple[str, int]] = []
+
+
+def _int4_unpack(packed: torch.Tensor, layout: tuple[str, int]) -> torch.Tensor:
+    """The codes [N, K] (uint8, 0..15) that aten._convert_weight_to_int4pack_for_cpu packed into `packed` [N, K/2]."""
+    style, block = layout
+    n, k = packed.shape[0], packed.shape[1] * 2
+    lo, hi = packed & 15, packed >> 4
+    codes = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
+    full = n // block * block
+    if full:
+        lo_b, hi_b = lo[:full].reshape(full // block, k, block // 2), hi[:full].reshape(full // block, k, block // 2)
+        if style == "halves":
+            vals = torch.cat([lo_b, hi_b], dim=2)
+        else:
+            vals = torch.stack([lo_b, hi_b], dim=3).reshape(full // block, k, block)
+        codes[:full] = vals.transpose(1, 2).reshape(full, k)
+    if full < n:
+        tail = n - full
+        vals = torch.stack([lo[full:].reshape(k, tail // 2), hi[full:].reshape(k, tail // 2)], dim=2).reshape(k, tail)
+        codes[full:] = vals.t()
+    return codes
+
+
+def _int4_layout() -> tuple[str, int]:
+    if not _int4_layout_found:
+        probe = torch.randint(0, 16, (144, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 2)
+        found = [lay for lay in _INT4_LAYOUTS
+                 if packed.shape == (144, 32) and torch.equal(_int4_unpack(packed, lay).int(), probe)]
+        if not found:
+            raise MoestreamError(f"torch {torch.__version__} packs int4 weights in a layout moestream does not know: "
+                                 "use --expert-dtype int8 or bf16")
+        _int4_layout_found.append(found[0])
+    return _int4_layout_found[0]
+
+
+def _group(k: int, group: int) -> int:
+    """The group size for input dim k: `group`, or the largest smaller one of 128/64/32 that divides k."""
+    return next(g for g in (group, 128, 64, 32) if g <= group and k % g == 0)
+
+
+def _quantize(w: torch.Tensor, group: int, levels: int, symmetric: bool = False,
+              hqq_iters: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise quantization of rows w [R, K] in the int4 kernel's convention,
+    w ~ (q - 8) * scale + zero, q in 0..levels-1: (q int32 [R, K], scale and zero bfloat16 [R, K/group]).
+
+    Asymmetric: the group's [min, max] spans the levels (q = 0 is the min). Symmetric: zero = 0,
+    scale = absmax / 7. hqq_iters > 0 then improves the zero points (_hqq_zero)."""
+    r, k = w.shape
+    g = w.reshape(r, k // group, group)
+    if symmetric:
+        scale = g.abs().amax(dim=2) / (levels // 2 - 1)
+        zero = torch.zeros_like(scale)
+    else:
+        lo, hi = g.amin(dim=2), g.amax(dim=2)
+        scale = (hi - lo) / (levels - 1)
+        zero = lo + 8 * scale
+    if hqq_iters:
+        zero = _hqq_zero(g, scale, zero, levels, hqq_iters)
+    scale, zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    q = ((g - z) / torch.where(s == 0, 1.0, s) + 8).round_().clamp_(0, levels - 1)
+    return q.reshape(r, k).int(), scale, zero
+
+
+def _hqq_zero(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int, iters: int,
+              p: float = 0.7, beta: float = 10.0, kappa: float = 1.01) -> torch.Tensor:
+    """HQQ's half-quadratic solver for the zero points of groups g [R, G, group] at fixed scales:
+    alternate a shrinkage of the error (the proximal step of an l_p loss, p < 1, so that a few
+    outliers do not drag a group's grid) and the closed-form zero point for the shrunk target,
+    z = mean(w - shrink(err) - (q - 8) * s) = z + mean(clamp(err, -t, t)), t = |err|^(p-1) / beta.
+    Each group keeps the zero point of its lowest absolute error; the loop ends early once none improves."""
+    s = scale[..., None]
+    inv = 1 / torch.where(s == 0, 1.0, s)
+    z = zero[..., None].clone()
+    best_z, best_err = z.clone(), torch.full_like(z, float("inf"))
+    err, t = torch.empty_like(g), torch.empty_like(g)
+    for _ in range(iters):
+        # err = w - ((q - 8) * s + z), q the nearest level under the current zero point
+        torch.sub(g, z, out=err).mul_(inv).add_(8).round_().clamp_(0, levels - 1).sub_(8).mul_(s)
+        torch.sub(g, err, out=err).sub_(z)
+        abs_err = torch.linalg.vector_norm(err, ord=1, dim=2, keepdim=True)
+        better = abs_err < best_err
+        if not bool(better.any()):
+            break
+        best_err, best_z = torch.where(better, abs_err, best_err), torch.where(better, z, best_z)
+        torch.abs(err, out=t).add_(1e-8).pow_(p - 1).div_(beta)
+        z = z + torch.minimum(torch.maximum(err, -t), t).mean(dim=2, keepdim=True)
+        beta *= kappa
+    return best_z[..., 0]
+
+
+def _affine(codes: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] and scales_and_zeros [K/group, N, 2] -> the weights float32 [K, N] as the int4
+    kernel computes them: (q - 8) * scale + zero in float32 (the product is exact, so this rounds
+    once, as the kernel's fused multiply-add does)."""
+    n, k = codes.shape
+    s, z = sz[..., 0].float().t()[..., None], sz[..., 1].float().t()[..., None]
+    w = (codes.reshape(n, sz.shape[0], -1).float() - 8) * s + z
+    return w.reshape(n, k).t()
+
+
+class Int4(_Quantized):
+    """Group-wise 4-bit, asymmetric (a bfloat16 scale and zero point per group of `group` input
+    weights), computed by aten._weight_int4pack_mm_for_cpu from its own packed layout, 0.5 byte
+    per weight + 4 bytes per group. An input dim that `group` does not divide gets the largest of
+    128/64/32 that does; hidden and intermediate sizes must be multiples of 32. hqq_iters > 0
+    optimises the zero points as int2 does (lower error, same bytes and speed, slower packing)."""
+
+    def __init__(self, name: str = "int4", group: int = 128, symmetric: bool = False, hqq_iters: int = 0):
+        if group not in (32, 64, 128):
+            raise ValueError(f"int4 groups are 32, 64 or 128 weights, not {group}")
+        self.name, self.group, self.symmetric, self.hqq_iters = name, group, symmetric, hqq_iters
+
+    @property
+    def signature(self) -> str:
+        style, block = _int4_layout()
+        kind = "sym" if self.symmetric else f"asym/hqq{self.hqq_iters}" if self.hqq_iters else "asym"
+        return f"{self.name}/g{self.group}/{kind}/{style}{block}"
+
+    def layout(self, hidden: int, inter: int) -> Layout:
+        _check_dims(self.name, hidden, inter, 32, "int8, fp8 or bf16")
+        parts = []
+        for which, k, n in (("gate_up", hidden, 2 * inter), ("down", inter, hidden)):
+            parts += [(which, (n, k // 2), torch.uint8), (which + "_sz", (k // _group(k, self.group), n, 2), torch.bfloat16)]
+        return Layout(parts)
+
+    def pack(self, weights: ExpertWeights, out: torch.Tensor) -> None:
+        layout = self.layout(*_dims(weights))
+        _check_out(out, layout.nbytes)
+        _int4_layout()  # a torch whose layout we cannot read back is refused before any work
+        parts = layout.views(out)
+        for which, w, scale in _matrices(weights):
+            packed, sz = parts[which], parts[which + "_sz"]
+            k = packed.shape[1] * 2
+            for n0, n1 in _spans(packed.shape[0], k):
+                q, s, z = _quantize(_channels(w, scale, n0, n1), k // sz.shape[0], 16, self.symmetric, self.hqq_iters)
+                packed[n0:n1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+                sz[:, n0:n1] = torch.stack([s.t(), z.t()], dim=2)
+
+    def _cpu_matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        packed, sz = parts[which], parts[which + "_sz"]
+        k = packed.shape[1] * 2
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_kernel_rows(x, k), packed, k // sz.shape[0], sz)
+        return y.view(*x.shape[:-1], packed.shape[0]).to(x.dtype)
+
+    def weight(self, parts: dict[str, torch.Tensor], which: str) -> torch.Tensor:
+        return _affine(_int4_unpack(parts[which], _int4_layout()), parts[which + "_sz"])
+
+
+def _int2_rows(n: int, k: int) -> int:
+    """Output channels per int4 kernel call of an int2 matrix: the largest multiple of 64 that divides
+    n and expands to at most INT2_CHUNK_BYTES (at least 64); all n when 64 does not divide it."""
+    if n % 64:
+        return n
+    fits = [r for r in range(64, n + 1, 64) if n % r == 0 and r * k // 2 <= INT2_CHUNK_BYTES]
+    return fits[-1] if fits else 64
+
+
+class Int2(_Quantized):
+    """Group-wise 2-bit with HQQ-optimised zero points (a bfloat16 scale and zero per group), 0.25
+    byte per weight + 4 bytes per group. There is no 2-bit kernel: the buffer holds the int4
+    kernel's packed bytes with two of them folded into one (their nibbles are 0..3), and a call
+    unfolds a cache-sized chunk of output channels at a time (two bit operations) into a reused
+    scratch for aten._weight_int4pack_mm_for_cpu. Sizes must be multiples of 32; group 32, 64 or 128."""
+
+    def __init__(self, name: str = "int2", group: int = 32, hqq_iters: int = 20):
+        if group not in (32, 64, 128):
+            raise ValueError(f"int2 groups are 32, 64 or 128 weights (the int4 kernel's), not {group}")
+        self.name, self.group, self.hqq_iters = name, group, hqq_iters
+
+    @property
+    def signature(self) -> str:
+        style, block = _int4_layout()
+        return f"{self.name}/g{self.group}/hqq{self.hqq_iters}/{style}{block}/chunk{INT2_CHUNK_BYTES}"
+
+    def layout(self, hidden: int, inter: int) -> Layout:
+        _check_dims(self.name, hidden, inter, 32, "int8, fp8 or bf16")
+        parts = []
+        for which, k, n in (("gate_up", hidden, 2 * inter), ("down", inter, hidden)):
+            rows = _int2_rows(n, k)
+            parts += [(which, (n, k // 4), torch.uint8),
+                      (which + "_sz", (n // rows, k // _group(k, self.group), rows, 2), torch.bfloat16)]
+        return Layout(parts)
+
+    def pack(self, weights: ExpertWeights, out: torch.Tensor) -> None:
+        layout = self.layout(*_dims(weights))
+        _check_out(out, layout.nbytes)
+        _int4_layout()
+        parts = layout.views(out)
+        for which, w, scale in _matrices(weights):
+            folded, sz = parts[which], parts[which + "_sz"]
+            chunks, groups, rows, _ = sz.shape
+            k = folded.shape[1] * 4
+            for c in range(chunks):
+                q = torch.empty(rows, k, dtype=torch.int32)
+                for r0, r1 in _spans(rows, k):
+                    n0 = c * rows + r0
+                    codes, s, z = _quantize(_channels(w, scale, n0, n0 + r1 - r0), k // groups, 4, hqq_iters=self.hqq_iters)
+                    q[r0:r1] = codes
+                    sz[c, :, r0:r1] = torch.stack([s.t(), z.t()], dim=2)
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2).view(2, -1)
+                folded[c * rows:(c + 1) * rows].view(-1).copy_(packed[0] | (packed[1] << 2))
+
+    def _unfold(self, folded: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The int4 kernel's packed bytes of a chunk: first half the low two bits of each nibble pair,
+        second half the high two."""
+        half = out.view(2, -1)
+        torch.bitwise_and(folded, 0x33, out=half[0])
+        torch.bitwise_right_shift(folded, 2, out=half[1]).bitwise_and_(0x33)
+        return out
+
+    def _cpu_matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        folded, sz = parts[which], parts[which + "_sz"]
+        chunks, groups, rows, _ = sz.shape
+        k = folded.shape[1] * 4
+        x2 = _kernel_rows(x, k)
+        scratch = _scratch_buffer(rows * k // 2, torch.uint8, folded.device).view(rows, k // 2)
+        ys = [torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self._unfold(folded[c * rows:(c + 1) * rows].view(-1), scratch), k // groups, sz[c])
+            for c in range(chunks)]
+        y = ys[0] if chunks == 1 else torch.cat(ys, dim=1)
+        return y.view(*x.shape[:-1], folded.shape[0]).to(x.dtype)
+
+    def weight(self, parts: dict[str, torch.Tensor], which: str) -> torch.Tensor:
+        folded, sz = parts[which], parts[which + "_sz"]
+        chunks, _, rows, _ = sz.shape
+        k = folded.shape[1] * 4
+        out = []
+        for c in range(chunks):
+            packed = self._unfold(folded[c * rows:(c + 1) * rows].reshape(-1),
+                                  torch.empty(rows, k // 2, dtype=torch.uint8, device=folded.device))
+            out.append(_affine(_int4_unpack(packed, _int4_layout()), sz[c]))
+        return torch.cat(out, dim=1)
+
+
+def fp8_to(w: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """float8_e4m3fn weights as `dtype` (bfloat16, float16 or float32), each value divided by 256,
+    exactly: the fp8 bits shifted into float16's (same mantissa, 5-bit exponent, sign in place)
+    are the value / 256 for normal and subnormal numbers alike, and float16 converts exactly.
+    Four vectorised passes instead of torch's scalar fp8 conversion. NaN codes become +-480.
+    The result is a reused per-thread scratch unless `out` is given: use it before the next call."""
+    bits = _scratch_buffer(w.numel(), torch.int16, w.device).view(w.shape)
+    bits.copy_(w.view(torch.int8))  # sign-extended: bit 15 is the sign
+    bits.bitwise_left_shift_(7).bitwise_and_(-16512)  # 0xBF80: sign | exponent, mantissa
+    half = bits.view(torch.float16)
+    if dtype == torch.float16 and out is None:
+        return half
+    if out is None:
+        out = _scratch_buffer(w.numel(), dtype, w.device).view(w.shape)
+    return out.copy_(half)
+
+
+class Fp8(ExpertFormat):
+    """float8_e4m3fn weights, x@W orientation like the checkpoint's, with one float32 scale per
+    output channel: w[k, n] * scale[n]. An fp8 checkpoint's bytes are kept as they are (no
+    requantisation); float weights are quantized with scale = amax over the input dim / 448.
+
+    A call converts the fp8 weights exactly (fp8_to) a cache-sized chunk of output channels at a
+    time into a reused scratch in the activations' dtype, multiplies, and scales the output
+    channels: x @ (w * scale) == (x @ w) * scale, with w itself never rounded."""
+
+    name = "fp8"
+
+    def layout(self, hidden: int, inter: int) -> Layout:
+        return Layout([("gate_up", (hidden, 2 * inter), torch.float8_e4m3fn), ("down", (inter, hidden), torch.float8_e4m3fn),
+                       ("gate_up_scale", (2 * inter,), torch.float32), ("down_scale", (hidden,), torch.float32)])
+
+    def pack(self, weights: ExpertWeights, out: torch.Tensor) -> None:
+        layout = self.layout(*_dims(weights))
+        _check_out(out, layout.nbytes)
+        parts = layout.views(out)
+        for which, w, scale in _matrices(weights):
+            q, s = parts[which], parts[which + "_scale"]
+            if w.dtype == torch.float8_e4m3fn:  # the checkpoint's own bytes
+                q.copy_(w)
+                s.copy_(scale.reshape(-1) if scale is not None else torch.ones(()))
+                continue
+            for n0, n1 in _spans(q.shape[1], q.shape[0]):
+                cols = _channels(w, scale, n0, n1).t()  # [K, n1 - n0]
+                step = cols.abs().amax(dim=0) / 448
+                step = torch.where(step == 0, 1.0, step)
+                s[n0:n1] = step
+                q[:, n0:n1] = (cols / step).clamp_(-448, 448)
+
+    def matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        w, scale = parts[which], parts[which + "_scale"]
+        k, n = w.shape
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+        x2 = x.reshape(-1, k).to(dtype)
+        step = max(64, FP8_CHUNK_BYTES // (k * 2) // 64 * 64)
+        ys = [x2 @ fp8_to(w[:, n0:n0 + step], dtype) for n0 in range(0, n, step)]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+        return (y * (scale * 256)).to(x.dtype).view(*x.shape[:-1], n)
+
+    def dequantize(self, buffer: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.layout(hidden, inter).views(buffer)
+        return tuple(parts[w].float() * parts[w + "_scale"] for w in ("gate_up", "down"))
+
+FORMATS: dict[str, ExpertFormat] = {
+    "f32": Plain("f32", torch.float32),
+    "bf16": Plain("bf16", torch.bfloat16),
+    "f16": Plain("f16", torch.float16),
+    "int8": Int8(),
+    "int4": Int4("int4", group=128),
+    "int2": Int2("int2", group=32),
+    "fp8": Fp8(),
+}
+PLAIN_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def expert_format(name: str, checkpoint_dtype: torch.dtype) -> ExpertFormat:
+    """The format --expert-dtype names; "auto" = the checkpoint's own (fp8 stays fp8, bf16 stays bf16)."""
+    if name == "auto":
+        name = "fp8" if checkpoint_dtype == torch.float8_e4m3fn else PLAIN_NAMES[checkpoint_dtype]
+    return FORMATS[name]
+
+
+def stored_expert_dtype(config) -> torch.dtype:
+    """How a checkpoint of this config stores its routed experts, from config.json alone (the planner's
+    "auto"): fp8 for fbgemm_fp8 exports, else its torch_dtype."""
+    if config.quant_method == "fbgemm_fp8":
+        return torch.float8_e4m3fn
+    return {"float32": torch.float32, "float16": torch.float16}.get(config.torch_dtype, torch.bfloat16)

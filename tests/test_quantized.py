@@ -1,0 +1,103 @@
+"""Quantized experts through the whole runtime: placed once in their format, moved and multiplied in it.
+
+Offloading stays exact with every format: the cache, the store tiers, the repacked file and CPU runs
+all hold the same bytes and run the same kernels as the resident experts, so offloaded logits equal
+resident logits bit for bit. The planner counts the same bytes per expert the runtime places.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moestream
+from moestream.model.formats import FORMATS
+
+from .conftest import VOCAB
+
+PROMPT = torch.randint(3, VOCAB, (29,), generator=torch.Generator().manual_seed(13))
+QUANTIZED = ["int8", "int4", "int2", "fp8"]
+
+
+@pytest.fixture(scope="module")
+def resident(tiny):
+    out = {}
+
+    def get(name, fmt):
+        if (name, fmt) not in out:
+            llm = moestream.load(tiny(name)[0], expert_dtype=fmt)
+            n = len(llm.config.moe_layers) * llm.config.num_local_experts
+            out[name, fmt] = (llm.logits(PROMPT), llm.decode_logits(PROMPT), llm.plan.expert_bytes, n)
+        return out[name, fmt]
+
+    return get
+
+
+@pytest.mark.parametrize("name,fmt", [("scout", "int8"), ("maverick", "int4"), ("scout", "int2"), ("maverick", "fp8")])
+def test_offloaded_quantized_experts_equal_resident(tiny, resident, tmp_path, name, fmt):
+    logits, stepped, eb, n = resident(name, fmt)
+    for slots, extra in ((1, {}), (3, dict(cache_policy="lfu", prefetch=0)), (n - 1, {}),
+                         (2, dict(cpu_experts="always")), (2, dict(cpu_experts="auto", repack=False))):
+        kw = dict(cpu_experts="never", cpu_mem=0) | extra  # cpu_mem=0: every expert on the disk tier
+        llm = moestream.load(tiny(name)[0], expert_dtype=fmt, expert_cache=slots * eb, expert_dir=tmp_path, **kw)
+        try:
+            assert not llm.plan.resident
+            assert torch.equal(llm.logits(PROMPT), logits), (slots, extra)
+            assert torch.equal(llm.decode_logits(PROMPT), stepped), (slots, extra)
+            s = llm.stats().experts
+            assert s.format == fmt and s.bytes_per_expert == eb
+            assert (s.bytes_host_to_device + s.bytes_disk_to_host) % eb == 0  # whole packed experts move, nothing else
+        finally:
+            llm.close()
+
+
+def test_host_disk_and_link_bytes_shrink_by_the_format(tiny, tmp_path):
+    path = tiny("maverick")[0]
+    sizes = {}
+    for fmt in ["f32", "bf16", *QUANTIZED]:
+        llm = moestream.load(path, expert_dtype=fmt, expert_cache=2 * FORMATS[fmt].nbytes(64, 32), cpu_mem=0,
+                             expert_dir=tmp_path / fmt, cpu_experts="never")
+        llm.logits(PROMPT[:9])
+        files = list((tmp_path / fmt).glob("*.experts"))
+        assert len(files) == 1
+        header = files[0].read_bytes()[:4096]
+        assert f'"expert_format": "{fmt}"'.encode() in header  # the file records its format
+        sizes[fmt] = (llm.plan.expert_bytes, files[0].stat().st_size, llm.stats().experts.bytes_disk_to_host)
+        llm.close()
+    assert sizes["f32"][0] == 2 * sizes["bf16"][0] and sizes["int8"][0] < sizes["bf16"][0] / 1.5
+    assert sizes["int4"][0] < sizes["int8"][0] and sizes["int2"][0] < sizes["int4"][0]
+    assert sizes["fp8"][0] < sizes["bf16"][0] / 1.5
+    # the repacked file shrinks too (one 4 KiB-aligned block per expert, so tiny experts round up alike)
+    assert sizes["int2"][1] <= sizes["int4"][1] <= sizes["int8"][1] < sizes["bf16"][1] < sizes["f32"][1]
+
+
+def test_a_format_change_rebuilds_the_expert_file(tiny, tmp_path):
+    path = tiny("scout")[0]
+    for fmt in ("int8", "int4"):
+        llm = moestream.load(path, expert_dtype=fmt, expert_cache=1, cpu_mem=0, expert_dir=tmp_path, cpu_experts="always")
+        llm.logits(PROMPT[:5])
+        llm.close()
+    files = list(tmp_path.glob("*.experts"))
+    assert len(files) == 1 and b'"expert_format": "int4"' in files[0].read_bytes()[:4096]  # the int8 one was removed
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int8", "int4", "int2"])
+def test_plan_counts_the_bytes_the_runtime_places(tiny, fmt):
+    """`moestream plan -m DIR --expert-dtype F` and the loaded runtime agree on every figure they share."""
+    path = tiny("maverick")[0]
+    budget = ["--gpu-mem", "3MiB", "--cpu-mem", "1MiB", "-c", "256"]
+    out = subprocess.run([sys.executable, "-m", "moestream", "plan", "--json", "-m", str(path), "--expert-dtype", fmt,
+                          *budget], capture_output=True, text=True)
+    report = json.loads(out.stdout)
+    llm = moestream.load(path, expert_dtype=fmt, gpu_mem="3MiB", cpu_mem="1MiB", ctx_size=256, dtype="bfloat16")
+    p = llm.plan
+    assert report["expert_dtype"] == fmt and report["expert_bytes"] == p.expert_bytes == llm.stats().experts.bytes_per_expert
+    assert report["gpu"]["expert_cache_slots"] == p.cache_slots
+    assert report["host"]["experts_in_ram"] == (p.host_experts if not p.resident else 0)
+    assert report["host"]["experts_on_disk"] == p.disk_experts
+    if not p.resident:
+        s = llm.stats().experts
+        assert s.slots == p.cache_slots and s.host_bytes == p.host_experts * p.expert_bytes
+    llm.close()
