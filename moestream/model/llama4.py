@@ -188,21 +188,31 @@ class Llama4:
         self.on_route = on_route
         self.rec = rec
         self.resident_bytes = weights.nbytes
-        self.position_tables = None  # (first position, positions, RoPE rotations, NoPE temperatures)
+        self.position_tables: dict[int, tuple] = {}  # block start -> (positions, RoPE rotations, NoPE temperatures)
 
     POSITION_BLOCK = 1024
+    POSITION_TABLES = 16  # blocks kept (sequences of a batch may sit at different positions)
 
     def positions(self, pos0: int, T: int):
         """Positions pos0.., their RoPE rotations and NoPE temperatures, sliced from tables built a
         block of positions at a time: a decode step reads one row instead of running ~10 small ops.
-        Every entry depends on its position alone, so the values are those of a direct computation."""
-        tables = self.position_tables
-        if tables is None or not tables[0] <= pos0 <= pos0 + T <= tables[0] + len(tables[1]):
-            positions = torch.arange(pos0, pos0 + max(T, self.POSITION_BLOCK), device=self.device)
-            tables = self.position_tables = (pos0, positions, rope_rotations(self.inv_freq, positions),
-                                             attention_temperature(positions, self.config)[:, None, None])
-        i = pos0 - tables[0]
-        return tables[1][i:i + T], tables[2][i:i + T], tables[3][i:i + T]
+        Every entry depends on its position alone, so the values are those of a direct computation
+        (a step that crosses a block boundary computes its own, directly)."""
+        start = pos0 - pos0 % self.POSITION_BLOCK
+        if pos0 + T > start + self.POSITION_BLOCK:
+            return self._position_table(pos0, T)
+        tables = self.position_tables.get(start)
+        if tables is None:
+            if len(self.position_tables) >= self.POSITION_TABLES:
+                self.position_tables.pop(next(iter(self.position_tables)))  # the oldest block
+            tables = self.position_tables[start] = self._position_table(start, self.POSITION_BLOCK)
+        i = pos0 - start
+        return tables[0][i:i + T], tables[1][i:i + T], tables[2][i:i + T]
+
+    def _position_table(self, pos0: int, T: int):
+        positions = torch.arange(pos0, pos0 + T, device=self.device)
+        return (positions, rope_rotations(self.inv_freq, positions),
+                attention_temperature(positions, self.config)[:, None, None])
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
@@ -235,6 +245,65 @@ class Llama4:
         logits = F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()
         rec.add(("lm head", t, rec.mark(), -1))
         return logits
+
+    @torch.inference_mode()
+    def decode_batch(self, tokens: list[int], caches: list) -> torch.Tensor:
+        """One decode step of several sequences at once: logits [B, V] (float32) of token i continuing caches[i].
+
+        Attention runs per sequence, over its own cache at its own position. Each MoE layer asks the
+        expert source once for the union of the sequences' experts — one fetch each, however many
+        sequences want it — then computes every sequence's rows with the same shapes as a step of
+        that sequence alone, so the logits are those of running them one by one, bit for bit (with
+        top-1 routing, as Llama 4 has; with top-k the experts' contributions are added in the union's
+        order). Prefill is not batched: a prompt runs through `forward` alone."""
+        eps, rec = self.config.rms_norm_eps, self.rec
+        xs = [F.embedding(torch.tensor([t], device=self.device), self.embed) for t in tokens]
+        where = [(cache.pos, *self.positions(cache.pos, 1)) for cache in caches]
+        for block in self.blocks:
+            t0 = rec.mark()
+            for i, cache in enumerate(caches):
+                h = rms_norm(xs[i], block.attn_norm, eps)
+                xs[i] = xs[i] + self.attention(h, block, *where[i], cache.layers[block.index])
+            rec.add(("attention", t0, rec.mark(), block.index))
+            hs = [rms_norm(x, block.ffn_norm, eps) for x in xs]
+            if isinstance(block.ffn, MoEWeights):
+                outs = self.moe_batch(hs, block)
+            else:
+                outs = [swiglu(h, block.ffn.gate_up, block.ffn.down) for h in hs]
+            xs = [x + out for x, out in zip(xs, outs)]
+        for cache in caches:
+            cache.pos += 1
+        t = rec.mark()
+        logits = torch.cat([F.linear(rms_norm(x, self.norm, eps), self.lm_head).float() for x in xs])
+        rec.add(("lm head", t, rec.mark(), -1))
+        return logits
+
+    def moe_batch(self, hs: list[torch.Tensor], block: Block) -> list[torch.Tensor]:
+        """The MoE of one token of each sequence: one `prepare` for all, each expert fetched once."""
+        ffn: MoEWeights = block.ffn
+        rec, layer = self.rec, block.index
+        t = rec.mark()
+        routes = [route(h, ffn.router, self.config.num_experts_per_tok)[:2] for h in hs]
+        if self.on_route is not None:
+            self.on_route((layer, torch.cat([r[0] for r in routes]), torch.cat([r[1] for r in routes])))
+        chosen = [r[0][0].tolist() for r in routes]
+        users: dict[int, list[int]] = {}  # expert -> the sequences that chose it
+        for i, experts in enumerate(chosen):
+            for e in experts:
+                users.setdefault(e, []).append(i)
+        wanted = self.experts.prepare(layer, list(users), torch.cat(hs))
+        t_router = rec.mark()
+        rec.add(("router", t, t_router, layer))
+        outs = [swiglu(h, ffn.shared.gate_up, ffn.shared.down) for h in hs]
+        rec.add(("shared expert", t_router, rec.mark(), layer))
+        for e in wanted:
+            expert = self.experts.get(layer, e)  # once per step, whichever sequences use it
+            t = rec.mark()
+            for i in users[e]:
+                k = chosen[i].index(e)
+                outs[i] = outs[i] + expert(hs[i] * routes[i][1][:, k:k + 1])
+            rec.add(("expert", t, rec.mark(), (layer, e, "CPU experts" if expert.on_cpu else "compute")))
+        return outs
 
     def attention(self, x, block: Block, pos0: int, positions, rotations, temperature, layer_cache) -> torch.Tensor:
         c, w, T = self.config, block.attn, x.shape[0]

@@ -127,6 +127,21 @@ class Generator:
         seq.ids.extend(ids)
         return logits[-1]
 
+    def decode_batch(self, seqs: list[Sequence], tokens: list[int]) -> torch.Tensor:
+        """One token of each sequence in one step (logits [B, V]): the model fetches each expert once for
+        all of them and computes every sequence as it would alone (the same logits, bit for bit)."""
+        try:
+            logits = self.model.decode_batch(tokens, [seq.cache for seq in seqs])
+        except BaseException:
+            for seq in seqs:
+                seq.broken = True
+            raise
+        for seq, token in zip(seqs, tokens):
+            seq.ids.append(token)
+        if self.trace is not None and self.trace.full:
+            self.trace.flush()
+        return logits
+
     def prefill(self, seq: Sequence, ids: list[int], turn: TurnStats) -> torch.Tensor:
         t0 = time.perf_counter()
         with self.rec.span("prefill", tokens=len(ids)):
