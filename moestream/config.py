@@ -176,9 +176,10 @@ class RuntimeConfig:
     expert_cache: int | None = setting(None, "--expert-cache", parse=size,
                                        help="Bytes of expert-cache slots on the device (default: what --gpu-mem leaves).")
     expert_dtype: str = setting("auto", "--expert-dtype", choices=EXPERT_DTYPES,
-                                help="How routed experts are stored, moved and multiplied: auto = the checkpoint's own "
-                                     "(bf16 stays bf16, fp8 stays fp8); int8, int4, int2 and fp8 are quantized once, "
-                                     "when experts are placed, and shrink host RAM, disk and link bytes 2-8x.")
+                                help="How routed experts are stored, moved and multiplied: auto = as the checkpoint "
+                                     "has them (fp8 stays fp8; unquantized ones at the compute dtype); int8, int4, int2 "
+                                     "and fp8 are quantized once, when experts are placed (and kept in the expert file "
+                                     "for the next run), and shrink host RAM, disk and link bytes 2-8x.")
     cpu_experts: str = setting("auto", "--cpu-experts", choices=("auto", "never", "always"),
                                help="Run a missing expert on the CPU instead of fetching it: auto = measured cost model.")
     cache_policy: str = setting("predictive", "--cache-policy", choices=("lru", "lfu", "predictive"),

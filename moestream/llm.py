@@ -55,7 +55,7 @@ class LLM:
         if runtime.ctx_size > c.max_position_embeddings:
             raise MoestreamError(f"context size {runtime.ctx_size} exceeds this model's maximum of "
                                  f"{c.max_position_embeddings} tokens: use -c {c.max_position_embeddings} or less")
-        self.expert_format = expert_format(runtime.expert_dtype, self.checkpoint.expert_dtype)
+        self.expert_format = expert_format(runtime.expert_dtype, self.checkpoint.expert_dtype, self.dtype)
         self.plan: Plan = make_plan(c, runtime, self.device, self.dtype, self.expert_format)
         self.ctx_size = self.plan.ctx_size
         # opened and locked for the life of the LLM: an unwritable, foreign or busy --kv-disk fails now
@@ -100,6 +100,15 @@ class LLM:
         cache holds the KV disk file, which the new one starts empty."""
         self.reset()
         return Sequence(KVCache(self.config, self.device, self.dtype, self.plan.kv, self.kv_disk, self.rec))
+
+    def request_sequence(self, slot: int) -> Sequence:
+        """A fresh sequence for one of several requests served at once (scheduler/batch.py), laid out as
+        planned; the conversation is left alone. Its disk-tier KV blocks, if any, go to a file of its
+        own, --kv-disk with `.slot` appended, made (exclusive, locked) and removed with it."""
+        layout = self.plan.kv
+        if layout.disk is not None:
+            layout = replace(layout, disk=layout.disk.with_name(f"{layout.disk.name}.{slot}"))
+        return Sequence(KVCache(self.config, self.device, self.dtype, layout, None, self.rec))
 
     def drop(self, seq: Sequence) -> None:
         """Let go of a sequence's cache, keeping its counters for stats()."""

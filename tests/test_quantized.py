@@ -63,7 +63,7 @@ def test_host_disk_and_link_bytes_shrink_by_the_format(tiny, tmp_path):
         files = list((tmp_path / fmt).glob("*.experts"))
         assert len(files) == 1
         header = files[0].read_bytes()[:4096]
-        assert f'"expert_format": "{fmt}"'.encode() in header  # the file records its format
+        assert f'"expert_format": "{FORMATS[fmt].signature}"'.encode() in header  # the file records its format
         sizes[fmt] = (llm.plan.expert_bytes, files[0].stat().st_size, llm.stats().experts.bytes_disk_to_host)
         llm.close()
     assert sizes["f32"][0] == 2 * sizes["bf16"][0] and sizes["int8"][0] < sizes["bf16"][0] / 1.5
@@ -80,7 +80,7 @@ def test_a_format_change_rebuilds_the_expert_file(tiny, tmp_path):
         llm.logits(PROMPT[:5])
         llm.close()
     files = list(tmp_path.glob("*.experts"))
-    assert len(files) == 1 and b'"expert_format": "int4"' in files[0].read_bytes()[:4096]  # the int8 one was removed
+    assert len(files) == 1 and b'"expert_format": "int4/' in files[0].read_bytes()[:4096]  # the int8 one was removed
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "int8", "int4", "int2"])
@@ -101,3 +101,25 @@ def test_plan_counts_the_bytes_the_runtime_places(tiny, fmt):
         s = llm.stats().experts
         assert s.slots == p.cache_slots and s.host_bytes == p.host_experts * p.expert_bytes
     llm.close()
+
+
+def test_quantized_experts_are_packed_once_then_read_from_the_expert_file(tiny, tmp_path, monkeypatch):
+    """Quantizing is slow (an int4 Scout expert takes seconds): a second run fills its host tier from the
+    repacked file with plain reads, and packs nothing."""
+    from moestream.model.formats import Int4
+
+    path = tiny("maverick")[0]
+    packed = []
+    real = Int4.pack
+    monkeypatch.setattr(Int4, "pack", lambda self, w, out: packed.append(1) or real(self, w, out))
+    eb = FORMATS["int4"].nbytes(64, 32)
+    kw = dict(expert_dtype="int4", expert_cache=2 * eb, cpu_mem=10 * eb, expert_dir=tmp_path, cpu_experts="never")
+    first = moestream.load(path, **kw)
+    ref = first.logits(PROMPT)
+    first.close()
+    n = len(first.config.moe_layers) * first.config.num_local_experts
+    assert len(packed) == n  # every expert once, into the file
+    second = moestream.load(path, **kw)
+    assert len(packed) == n  # nothing packed again: the host tier came from the file
+    assert torch.equal(second.logits(PROMPT), ref)
+    second.close()

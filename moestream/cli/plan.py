@@ -87,7 +87,7 @@ def plan(preset, link_gbps, disk_gbps, as_json, runtime):
     from ..model.formats import FORMATS, expert_format, stored_expert_dtype
 
     dtype = torch.bfloat16
-    fmt = expert_format(runtime.expert_dtype, stored_expert_dtype(config))  # the formats the runtime places
+    fmt = expert_format(runtime.expert_dtype, stored_expert_dtype(config), dtype)  # the format the runtime places
     expert_dtype = fmt.name
     p = make_plan(config, runtime, torch.device("cpu"), dtype, fmt, strict=False)
     eb = p.expert_bytes

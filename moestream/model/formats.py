@@ -159,17 +159,18 @@ class Plain(ExpertFormat):
 # --- quantized formats ---------------------------------------------------------------------------
 #
 # They keep each matrix output-major, W^T [N, K] (N output channels: 2F for gate_up, D for down; K
-# the input dim), because torch's CPU weight-only kernels read it so, and pack from float32 rows of
-# W^T a few million weights at a time, so placement never holds a float32 copy of a whole expert.
-# Scales and zero points are bfloat16 and the weights are quantized against the rounded values: the
-# kernels read bfloat16 scales, so dequantize() is exact for both activation dtypes. The kernels'
-# fast paths take bfloat16 activations (their float32 versions are scalar loops, many times
-# slower), so float32 activations are rounded to bfloat16 on the way in and the result comes back
-# as float32: an output error of about 2^-9 relative, far below the quantization error.
+# the input dim), as torch's CPU weight-only kernels read it and the official FP8 checkpoints store
+# it, and pack from float32 rows of W^T a few million weights at a time, so placement never holds a
+# float32 copy of a whole expert. The int formats' scales and zero points are bfloat16 and the
+# weights are quantized against the rounded values: the kernels read bfloat16 scales, so
+# dequantize() is exact for both activation dtypes. Their fast paths take bfloat16 activations (the
+# float32 versions are scalar loops, 12-30x slower: benchmarks/formats_cpu.py), so float32
+# activations are rounded to bfloat16 on the way in and the result comes back as float32: an output
+# error of about 2^-9 relative, far below the quantization error.
 
 PACK_ELEMENTS = 1 << 22  # weights quantized per step of pack()
-INT2_CHUNK_BYTES = 1 << 19  # int4-kernel bytes an int2 matrix expands to per kernel call (stays in L2)
-FP8_CHUNK_BYTES = 1 << 20  # converted fp8 weights per matmul step (stay in L2)
+INT2_CHUNK_BYTES = 1 << 22  # int4-kernel bytes an int2 matrix expands to per kernel call (stays in L3)
+FP8_CHUNK_BYTES = 1 << 22  # float32 scratch an fp8 matrix converts into per matmul step (stays in L3)
 
 
 def _spans(n: int, k: int) -> list[tuple[int, int]]:
@@ -230,7 +231,8 @@ def _scratch_buffer(n: int, dtype: torch.dtype, device: torch.device) -> torch.T
     key = (dtype, str(device))
     buf = bufs.get(key)
     if buf is None or buf.numel() < n:
-        buf = bufs[key] = torch.empty(n, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode alike
+            buf = bufs[key] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n]
 
 
@@ -458,8 +460,9 @@ class Int2(_Quantized):
     """Group-wise 2-bit with HQQ-optimised zero points (a bfloat16 scale and zero per group), 0.25
     byte per weight + 4 bytes per group. There is no 2-bit kernel: the buffer holds the int4
     kernel's packed bytes with two of them folded into one (their nibbles are 0..3), and a call
-    unfolds a cache-sized chunk of output channels at a time (two bit operations) into a reused
-    scratch for aten._weight_int4pack_mm_for_cpu. Sizes must be multiples of 32; group 32, 64 or 128."""
+    unfolds a cache-sized chunk of output channels at a time (a mask, a shift and a mask) into a
+    reused scratch for aten._weight_int4pack_mm_for_cpu: measured 50x faster than dequantizing to
+    bfloat16 and multiplying. Sizes must be multiples of 32; group 32, 64 or 128."""
 
     def __init__(self, name: str = "int2", group: int = 32, hqq_iters: int = 20):
         if group not in (32, 64, 128):
@@ -531,12 +534,12 @@ class Int2(_Quantized):
         return torch.cat(out, dim=1)
 
 
-def fp8_to(w: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """float8_e4m3fn weights as `dtype` (bfloat16, float16 or float32), each value divided by 256,
-    exactly: the fp8 bits shifted into float16's (same mantissa, 5-bit exponent, sign in place)
-    are the value / 256 for normal and subnormal numbers alike, and float16 converts exactly.
-    Four vectorised passes instead of torch's scalar fp8 conversion. NaN codes become +-480.
-    The result is a reused per-thread scratch unless `out` is given: use it before the next call."""
+def fp8_to(w: torch.Tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """float8_e4m3fn weights as `dtype`, each value divided by 256, exactly: the fp8 bits shifted into
+    float16's (same mantissa, 5-bit exponent, sign in place) are the value / 256 for normal and
+    subnormal numbers alike, and float16 converts to float32 exactly. Four vectorised passes
+    instead of torch's scalar fp8 conversion (to float32; torch's float16 -> bfloat16 is scalar too).
+    NaN codes become +-480. The result is a reused per-thread scratch unless `out` is given."""
     bits = _scratch_buffer(w.numel(), torch.int16, w.device).view(w.shape)
     bits.copy_(w.view(torch.int8))  # sign-extended: bit 15 is the sign
     bits.bitwise_left_shift_(7).bitwise_and_(-16512)  # 0xBF80: sign | exponent, mantissa
@@ -549,19 +552,21 @@ def fp8_to(w: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None)
 
 
 class Fp8(ExpertFormat):
-    """float8_e4m3fn weights, x@W orientation like the checkpoint's, with one float32 scale per
-    output channel: w[k, n] * scale[n]. An fp8 checkpoint's bytes are kept as they are (no
-    requantisation); float weights are quantized with scale = amax over the input dim / 448.
+    """float8_e4m3fn weights with one float32 scale per output channel, w[k, n] = q[n, k] * scale[n],
+    kept output-major like the official FP8 checkpoints' [out, in] tensors. An fp8 checkpoint's
+    values are kept as they are (no requantisation); float weights are quantized with
+    scale = amax over the input dim / 448.
 
-    A call converts the fp8 weights exactly (fp8_to) a cache-sized chunk of output channels at a
-    time into a reused scratch in the activations' dtype, multiplies, and scales the output
-    channels: x @ (w * scale) == (x @ w) * scale, with w itself never rounded."""
+    A call converts a cache-sized chunk of output channels at a time, exactly (fp8_to), into a
+    reused float32 scratch, multiplies (float32 activations: bf16 ones convert exactly), and scales
+    the output channels: x @ (w * scale) as (x @ w) * scale, w itself never rounded."""
 
     name = "fp8"
+    signature = "fp8/out-major"  # the first fp8 layout (in 9090e64) was x@W: its buffers are not these
 
     def layout(self, hidden: int, inter: int) -> Layout:
-        return Layout([("gate_up", (hidden, 2 * inter), torch.float8_e4m3fn), ("down", (inter, hidden), torch.float8_e4m3fn),
-                       ("gate_up_scale", (2 * inter,), torch.float32), ("down_scale", (hidden,), torch.float32)])
+        return Layout([("gate_up", (2 * inter, hidden), torch.float8_e4m3fn), ("gate_up_scale", (2 * inter,), torch.float32),
+                       ("down", (hidden, inter), torch.float8_e4m3fn), ("down_scale", (hidden,), torch.float32)])
 
     def pack(self, weights: ExpertWeights, out: torch.Tensor) -> None:
         layout = self.layout(*_dims(weights))
@@ -569,47 +574,50 @@ class Fp8(ExpertFormat):
         parts = layout.views(out)
         for which, w, scale in _matrices(weights):
             q, s = parts[which], parts[which + "_scale"]
-            if w.dtype == torch.float8_e4m3fn:  # the checkpoint's own bytes
-                q.copy_(w)
+            if w.dtype == torch.float8_e4m3fn:  # the checkpoint's own values and scales
+                q.copy_(w.t())
                 s.copy_(scale.reshape(-1) if scale is not None else torch.ones(()))
                 continue
-            for n0, n1 in _spans(q.shape[1], q.shape[0]):
-                cols = _channels(w, scale, n0, n1).t()  # [K, n1 - n0]
-                step = cols.abs().amax(dim=0) / 448
+            for n0, n1 in _spans(*q.shape):
+                rows = _channels(w, scale, n0, n1)
+                step = rows.abs().amax(dim=1) / 448
                 step = torch.where(step == 0, 1.0, step)
                 s[n0:n1] = step
-                q[:, n0:n1] = (cols / step).clamp_(-448, 448)
+                q[n0:n1] = (rows / step[:, None]).clamp_(-448, 448)
 
     def matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         w, scale = parts[which], parts[which + "_scale"]
-        k, n = w.shape
-        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
-        x2 = x.reshape(-1, k).to(dtype)
-        step = max(64, FP8_CHUNK_BYTES // (k * 2) // 64 * 64)
-        ys = [x2 @ fp8_to(w[:, n0:n0 + step], dtype) for n0 in range(0, n, step)]
+        n, k = w.shape
+        x2 = x.reshape(-1, k).float()
+        step = max(64, FP8_CHUNK_BYTES // (4 * k) // 64 * 64)
+        ys = [x2 @ fp8_to(w[n0:n0 + step]).t() for n0 in range(0, n, step)]
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
         return (y * (scale * 256)).to(x.dtype).view(*x.shape[:-1], n)
 
     def dequantize(self, buffer: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts = self.layout(hidden, inter).views(buffer)
-        return tuple(parts[w].float() * parts[w + "_scale"] for w in ("gate_up", "down"))
+        return tuple((parts[w].float() * parts[w + "_scale"][:, None]).t() for w in ("gate_up", "down"))
+
 
 FORMATS: dict[str, ExpertFormat] = {
     "f32": Plain("f32", torch.float32),
     "bf16": Plain("bf16", torch.bfloat16),
     "f16": Plain("f16", torch.float16),
     "int8": Int8(),
-    "int4": Int4("int4", group=128),
+    "int4": Int4("int4", group=64),  # measured choices: benchmarks/formats_cpu.py
     "int2": Int2("int2", group=32),
     "fp8": Fp8(),
 }
 PLAIN_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
-def expert_format(name: str, checkpoint_dtype: torch.dtype) -> ExpertFormat:
-    """The format --expert-dtype names; "auto" = the checkpoint's own (fp8 stays fp8, bf16 stays bf16)."""
+def expert_format(name: str, checkpoint_dtype: torch.dtype, compute_dtype: torch.dtype) -> ExpertFormat:
+    """The format --expert-dtype names. "auto" quantizes nothing the checkpoint did not: an fp8 checkpoint's
+    experts stay fp8; an unquantized one's are kept at the compute dtype, like the resident weights (a bf16
+    checkpoint computed in float32 on a CPU stores float32 experts: a plain expert in another dtype than
+    its activations would be converted whole at every call)."""
     if name == "auto":
-        name = "fp8" if checkpoint_dtype == torch.float8_e4m3fn else PLAIN_NAMES[checkpoint_dtype]
+        name = "fp8" if checkpoint_dtype == torch.float8_e4m3fn else PLAIN_NAMES[compute_dtype]
     return FORMATS[name]
 
 

@@ -229,7 +229,10 @@ class ExpertStore:
     rest on disk.
 
     Filling the host tier packs one expert at a time straight into its row of the (pinned) host
-    buffer, so loading never holds two copies of the experts in RAM.
+    buffer, so loading never holds two copies of the experts in RAM. A format the checkpoint cannot be
+    read into directly (quantized, converted) is packed once, into the repacked file, which then holds
+    every expert: the next run fills its host tier from the file with plain reads instead of
+    quantizing again (an int4 Scout expert takes seconds to pack; reading it, milliseconds).
     """
 
     def __init__(self, checkpoint: Checkpoint, keys: list[tuple[int, int]], host_experts: int, fmt: ExpertFormat,
@@ -243,16 +246,20 @@ class ExpertStore:
         self.host_index = {key: i for i, key in enumerate(self.host_keys)}
         self.host = torch.empty(len(self.host_keys), self.nbytes, dtype=torch.uint8, pin_memory=pin)
         self.host_experts = [fmt.expert(self.host[i], self.hidden, self.inter) for i in range(len(self.host_keys))]
-        for i, key in enumerate(self.host_keys):
-            checkpoint.read_expert_into(*key, self.host[i], fmt)
-            if progress:
-                progress(self.nbytes)
+        packs = not checkpoint.reads_raw(fmt)
+        in_file = keys if packs else self.disk_keys  # what the repacked file holds
         self.file: RepackedFile | None = None
-        if self.disk_keys and repack:
+        if in_file and repack:
             self.file = RepackedFile(Path(expert_dir or cache_dir()).expanduser(), str(Path(checkpoint.path).resolve()),
-                                     checkpoint.path.name, self.disk_keys, self.nbytes, fmt.name, checkpoint.fingerprint())
+                                     checkpoint.path.name, in_file, self.nbytes, fmt.signature, checkpoint.fingerprint())
             staging = torch.empty(self.nbytes, dtype=torch.uint8)
             self.file.prepare(lambda key, buf: checkpoint.read_expert_into(*key, buf, fmt), staging, progress)
+        source = self.file.read_into if self.file is not None and packs else (
+            lambda key, out: checkpoint.read_expert_into(*key, out, fmt))
+        for i, key in enumerate(self.host_keys):
+            source(key, self.host[i])
+            if progress and not (self.file is not None and packs):
+                progress(self.nbytes)
 
     def tier(self, key: tuple[int, int]) -> str:
         return "host" if key in self.host_index else "disk"
