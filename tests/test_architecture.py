@@ -25,6 +25,7 @@ FLOORS = [
     ("analysis", "scheduler"),  # offline replay and oracles | placement plan and the generation loop
     ("stats",),  # one snapshot of every part's counters
     ("llm",),  # the thin facade
+    ("server",),  # the OpenAI-compatible HTTP server over the batcher
     ("cli",),  # the commands
     ("__main__", "__init__"),  # the package's faces
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import bench, chat, generate, plan, report  # noqa: F401  (each registers its command)
+from . import bench, chat, generate, plan, report, serve  # noqa: F401  (each registers its command)
 from .app import cli
 
 __all__ = ["cli"]
