@@ -180,6 +180,10 @@ class RuntimeConfig:
                                      "has them (fp8 stays fp8; unquantized ones at the compute dtype); int8, int4, int2 "
                                      "and fp8 are quantized once, when experts are placed (and kept in the expert file "
                                      "for the next run), and shrink host RAM, disk and link bytes 2-8x.")
+    resident_dtype: str = setting("auto", "--resident-dtype", choices=("auto", "int8"),
+                                  help="The resident attention, shared-expert, dense-MLP and lm_head matrices: auto = "
+                                       "the compute dtype; int8 = per-channel int8, half of bf16's bytes (Maverick with "
+                                       "int4 experts on a 24 GB GPU). Embeddings, norms and routers stay.")
     cpu_experts: str = setting("auto", "--cpu-experts", choices=("auto", "never", "always"),
                                help="Run a missing expert on the CPU instead of fetching it: auto = measured cost model.")
     cache_policy: str = setting("predictive", "--cache-policy", choices=("lru", "lfu", "predictive"),

@@ -66,7 +66,7 @@ class LLM:
             self.trace = RoutingRecorder(runtime.record_routing, {
                 "model": str(runtime.model), "moe_layers": c.moe_layers, "num_experts": c.num_local_experts,
                 "top_k": c.num_experts_per_tok, "expert_bytes": self.plan.expert_bytes})
-        weights = load_weights(self.checkpoint, self.device, self.dtype)
+        weights = load_weights(self.checkpoint, self.device, self.dtype, runtime.resident_dtype)
         p = self.plan
         self.experts = build_experts(self.checkpoint, runtime, self.expert_format, resident=p.resident, slots=p.cache_slots,
                                      host_experts=p.host_experts, cpu_layers=p.cpu_layers, routers=weights.routers(),

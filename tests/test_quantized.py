@@ -123,3 +123,47 @@ def test_quantized_experts_are_packed_once_then_read_from_the_expert_file(tiny, 
     assert len(packed) == n  # nothing packed again: the host tier came from the file
     assert torch.equal(second.logits(PROMPT), ref)
     second.close()
+
+
+# --- resident matrices in int8 (--resident-dtype int8) -----------------------------------------------
+def test_int8_resident_matrix_equals_its_dequantized_weights():
+    from moestream.model.formats import Int8Linear
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 64, generator=g)
+    m = Int8Linear.quantize(w)
+    dequantized = m.q.float() * m.scale.float()[:, None]
+    assert (dequantized - w).abs().max() <= m.scale.float().max() / 2 + 1e-6  # at most half a step off
+    x = torch.randn(5, 64, generator=g)
+    # the kernel takes bf16 activations: the reference is the fp32 matmul of bf16-rounded x
+    reference = x.bfloat16().float() @ dequantized.t()
+    assert torch.allclose(m(x), reference, rtol=1e-2, atol=1e-2)
+    assert m(x[:1]).shape == (1, 96) and m(x[None]).shape == (1, 5, 96)
+    with pytest.raises(moestream.MoestreamError, match="multiples of 16"):
+        Int8Linear.quantize(torch.randn(8, 24))
+
+
+@pytest.mark.parametrize("name", ["scout", "maverick"])
+def test_int8_resident_weights_halve_their_bytes_stay_close_and_the_plan_agrees(tiny, tmp_path, name):
+    path = tiny(name)[0]
+    out = subprocess.run([sys.executable, "-m", "moestream", "plan", "--json", "-m", str(path), "--resident-dtype", "int8",
+                          "--dtype", "bfloat16"], capture_output=True, text=True)
+    planned = json.loads(out.stdout)["gpu"]["resident_bytes"]
+    base = moestream.load(path, dtype="bfloat16")
+    llm = moestream.load(path, dtype="bfloat16", resident_dtype="int8")
+    try:
+        assert llm.plan.resident_bytes == llm.model.resident_bytes == llm.stats().memory.resident_bytes == planned
+        assert llm.model.resident_bytes < 0.75 * base.model.resident_bytes
+        a, b = base.logits(PROMPT), llm.logits(PROMPT)
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8  # random tiny weights: close, not equal
+        assert torch.softmax(b, -1).sub(torch.softmax(a, -1)).abs().sum(-1).max() < 0.5
+        # offloading still changes only where experts live
+        offloaded = moestream.load(path, dtype="bfloat16", resident_dtype="int8", expert_cache=2 * llm.plan.expert_bytes,
+                                   cpu_mem=0, expert_dir=tmp_path, cpu_experts="never")
+        try:
+            assert torch.equal(offloaded.logits(PROMPT), b)
+        finally:
+            offloaded.close()
+    finally:
+        base.close()
+        llm.close()

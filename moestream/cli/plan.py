@@ -116,6 +116,13 @@ def plan(preset, link_gbps, disk_gbps, as_json, runtime):
         need = p.resident_bytes + p.workspace_bytes
         advice.append(f"more --gpu-mem: the resident weights and workspace alone need {fmt_in(need, gpu_binary, up=True)}"
                       + ("" if one_node else ", or several GPUs (below)"))
+        if runtime.resident_dtype != "int8":
+            from ..scheduler.plan import resident_bytes
+
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            smaller = resident_bytes(config, itemsize, "int8") + p.workspace_bytes
+            advice.append(f"--resident-dtype int8 needs {fmt_in(smaller, gpu_binary, up=True)} for them"
+                          + (" (enough here)" if smaller + p.kv_bytes <= runtime.gpu_mem else ""))
     elif p.problems:
         if runtime.kv_gpu_mem is None and config.global_layers:
             advice.append("--kv-gpu-mem SIZE to keep only a window of global-layer KV on the GPU (the rest in host RAM)")
@@ -223,8 +230,8 @@ def render(r: dict) -> None:
         con.print(f"  try: {a}", markup=False)
     if "distributed" in r:
         dist = r["distributed"]
-        con.print(f"[bold]this cannot run on one GPU of {g['budget_text']}[/bold]: the resident weights alone need "
-                  f"{on_gpu(g['resident_bytes'])}." + (f" On {dist['gpus']} GPUs with an existing distributed engine:" if dist
+        con.print(f"[bold]at this --resident-dtype it cannot run on one GPU of {g['budget_text']}[/bold]: the resident "
+                  f"weights alone need {on_gpu(g['resident_bytes'])}." + (f" On {dist['gpus']} GPUs with an existing distributed engine:" if dist
                                                        else f" GPUs of this size would need more than {MAX_GPUS} of them."))
         if dist:
             con.print(f"  {dist['vllm']}", markup=False)

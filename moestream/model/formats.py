@@ -1,4 +1,5 @@
-"""Expert formats: how one routed expert is stored, moved and multiplied.
+"""Expert formats: how one routed expert is stored, moved and multiplied (and Int8Linear, a resident
+matrix in the int8 format's storage and kernel).
 
 A format packs an expert's two matrices — gate_up [D, 2F] and down [F, D], x@W orientation — and
 their scales into ONE contiguous byte buffer, so that wherever the expert lies (host RAM, the
@@ -257,6 +258,48 @@ class _Quantized(ExpertFormat):
         raise NotImplementedError
 
 
+def _int8_rows(rows: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
+    """Quantize float32 rows [n, K] into int8 q [n, K] with one bfloat16 scale per row (symmetric)."""
+    s[:] = rows.abs().amax(dim=1) / 127
+    step = s.float()
+    q[:] = (rows / torch.where(step == 0, 1.0, step)[:, None]).round_().clamp_(-127, 127)
+
+
+def _int8_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (q [N, K] * s[:, None]).T on the CPU's weight-only int8 kernel (bf16 activations)."""
+    if q.data_ptr() % 16:
+        raise ValueError("int8 weights must start on a 16-byte boundary (the kernel's aligned loads)")
+    y = torch.ops.aten._weight_int8pack_mm(_kernel_rows(x, q.shape[1]), q, s)
+    return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+
+
+@dataclass(eq=False)
+class Int8Linear:
+    """A resident nn.Linear weight [N, K] as per-output-channel int8 + bfloat16 scales (--resident-dtype
+    int8): half of bf16's bytes, multiplied by the kernel int8 experts use. Off the CPU it multiplies
+    by the dequantized matrix: correct, not fast."""
+
+    q: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # bfloat16 [N]
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> "Int8Linear":
+        n, k = w.shape
+        if k % 16:
+            raise MoestreamError(f"--resident-dtype int8 needs input sizes that are multiples of 16 (a matrix of this "
+                                 f"model has {k}): use --resident-dtype auto")
+        q = torch.empty(n, k, dtype=torch.int8, device=w.device)
+        s = torch.empty(n, dtype=torch.bfloat16, device=w.device)
+        for n0, n1 in _spans(n, k):
+            _int8_rows(w[n0:n1].float(), q[n0:n1], s[n0:n1])
+        return cls(q, s)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q.device.type == "cpu":
+            return _int8_matmul(x, self.q, self.scale)
+        return F.linear(x, self.q.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+
+
 class Int8(_Quantized):
     """Per-output-channel symmetric int8, one bfloat16 scale per channel: w[k, n] = q[n, k] * scale[n].
     Computed by aten._weight_int8pack_mm, which reads 1 byte per weight."""
@@ -275,17 +318,10 @@ class Int8(_Quantized):
         for which, w, scale in _matrices(weights):
             q, s = parts[which], parts[which + "_scale"]
             for n0, n1 in _spans(*q.shape):
-                rows = _channels(w, scale, n0, n1)
-                s[n0:n1] = rows.abs().amax(dim=1) / 127
-                step = s[n0:n1].float()
-                q[n0:n1] = (rows / torch.where(step == 0, 1.0, step)[:, None]).round_().clamp_(-127, 127)
+                _int8_rows(_channels(w, scale, n0, n1), q[n0:n1], s[n0:n1])
 
     def _cpu_matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        q, s = parts[which], parts[which + "_scale"]
-        if q.data_ptr() % 16:
-            raise ValueError("int8 expert weights must start on a 16-byte boundary (the kernel's aligned loads)")
-        y = torch.ops.aten._weight_int8pack_mm(_kernel_rows(x, q.shape[1]), q, s)
-        return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+        return _int8_matmul(x, parts[which], parts[which + "_scale"])
 
     def weight(self, parts: dict[str, torch.Tensor], which: str) -> torch.Tensor:
         return (parts[which].float() * parts[which + "_scale"].float()[:, None]).t()

@@ -29,6 +29,7 @@ from .attention import attend
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .experts import ExpertSource
+from .formats import Int8Linear
 
 
 # --- building blocks (shape-agnostic in the leading dimensions) ----------------------------------
@@ -78,10 +79,15 @@ def attention_temperature(positions: torch.Tensor, config: ModelConfig) -> torch
     return torch.log1p(torch.floor((positions.float() + 1.0) / config.floor_scale)) * config.attn_scale + 1.0
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w.T: w a weight tensor [N, K] (nn.Linear orientation) or a quantized one (Int8Linear)."""
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+
+
+def swiglu(x: torch.Tensor, gate_up, down) -> torch.Tensor:
     """Dense / shared-expert MLP; nn.Linear orientation, gate and up stacked: gate_up [2F, D]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, down)
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int):
@@ -92,16 +98,21 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int):
 
 
 # --- weights -------------------------------------------------------------------------------------
+# A matrix below is a tensor at the compute dtype, or with --resident-dtype int8 an Int8Linear
+# (embeddings, norms and routers always stay tensors); `linear` multiplies either.
+Matrix = torch.Tensor | Int8Linear
+
+
 @dataclass
 class AttentionWeights:
-    qkv: torch.Tensor  # q, k and v projections stacked: one matmul instead of three
-    o: torch.Tensor
+    qkv: Matrix  # q, k and v projections stacked: one matmul instead of three
+    o: Matrix
 
 
 @dataclass
 class MLPWeights:
-    gate_up: torch.Tensor  # [2F, D]: gate rows, then up rows
-    down: torch.Tensor  # [D, F]
+    gate_up: Matrix  # [2F, D]: gate rows, then up rows
+    down: Matrix  # [D, F]
 
 
 @dataclass
@@ -126,7 +137,7 @@ class Weights:
     blocks: list[Block]
     embed: torch.Tensor
     norm: torch.Tensor
-    lm_head: torch.Tensor
+    lm_head: Matrix
 
     def routers(self) -> dict[int, torch.Tensor]:
         """Each MoE layer's router, by layer (the prefetcher applies them ahead of time)."""
@@ -141,7 +152,8 @@ class Weights:
                 elif hasattr(value, "__dataclass_fields__"):
                     yield from flat(value)
 
-        tensors = [self.embed, self.norm, self.lm_head] + [t for b in self.blocks for t in flat(b)]
+        head = [self.lm_head] if isinstance(self.lm_head, torch.Tensor) else list(flat(self.lm_head))
+        tensors = [self.embed, self.norm, *head] + [t for b in self.blocks for t in flat(b)]
         return list({t.data_ptr(): t for t in tensors}.values())
 
     @property
@@ -149,25 +161,30 @@ class Weights:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def load_weights(ckpt: Checkpoint, device, dtype) -> Weights:
-    """The resident weights, read from the checkpoint onto the compute device (never a routed expert)."""
+def load_weights(ckpt: Checkpoint, device, dtype, resident_dtype: str = "auto") -> Weights:
+    """The resident weights, read from the checkpoint onto the compute device (never a routed expert).
+    resident_dtype "int8": the attention, shared-expert, dense-MLP and lm_head matrices are quantized
+    per output channel as they are read (one matrix at a time, so the peak is one bf16 matrix)."""
     def w(name: str) -> torch.Tensor:
         return ckpt.read(name).to(device=device, dtype=dtype)
 
+    def matrix(*names: str) -> Matrix:
+        m = torch.cat([w(n) for n in names]) if len(names) > 1 else w(names[0])
+        return Int8Linear.quantize(m) if resident_dtype == "int8" else m
+
     def mlp(prefix: str) -> MLPWeights:
-        return MLPWeights(torch.cat([w(prefix + "gate_proj.weight"), w(prefix + "up_proj.weight")]), w(prefix + "down_proj.weight"))
+        return MLPWeights(matrix(prefix + "gate_proj.weight", prefix + "up_proj.weight"), matrix(prefix + "down_proj.weight"))
 
     blocks = []
     for i in range(ckpt.config.num_hidden_layers):
         p = f"model.layers.{i}."
-        qkv = torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        attn = AttentionWeights(qkv, w(p + "self_attn.o_proj.weight"))
+        attn = AttentionWeights(matrix(*(p + f"self_attn.{n}_proj.weight" for n in "qkv")), matrix(p + "self_attn.o_proj.weight"))
         if ckpt.config.is_moe(i):
             ffn = MoEWeights(w(p + "feed_forward.router.weight"), mlp(p + "feed_forward.shared_expert."))
         else:
             ffn = mlp(p + "feed_forward.")
         blocks.append(Block(i, w(p + "input_layernorm.weight"), attn, w(p + "post_attention_layernorm.weight"), ffn))
-    return Weights(blocks, w("model.embed_tokens.weight"), w("model.norm.weight"), w("lm_head.weight"))
+    return Weights(blocks, w("model.embed_tokens.weight"), w("model.norm.weight"), matrix("lm_head.weight"))
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -242,7 +259,7 @@ class Llama4:
         if last_only:
             x = x[-1:]
         t = rec.mark()
-        logits = F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+        logits = linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()
         rec.add(("lm head", t, rec.mark(), -1))
         return logits
 
@@ -274,7 +291,7 @@ class Llama4:
         for cache in caches:
             cache.pos += 1
         t = rec.mark()
-        logits = torch.cat([F.linear(rms_norm(x, self.norm, eps), self.lm_head).float() for x in xs])
+        logits = torch.cat([linear(rms_norm(x, self.norm, eps), self.lm_head).float() for x in xs])
         rec.add(("lm head", t, rec.mark(), -1))
         return logits
 
@@ -308,7 +325,7 @@ class Llama4:
     def attention(self, x, block: Block, pos0: int, positions, rotations, temperature, layer_cache) -> torch.Tensor:
         c, w, T = self.config, block.attn, x.shape[0]
         H, Hkv = c.num_attention_heads, c.num_key_value_heads
-        qkv = F.linear(x, w.qkv).view(T, H + 2 * Hkv, c.head_dim)  # heads: queries | keys | values
+        qkv = linear(x, w.qkv).view(T, H + 2 * Hkv, c.head_dim)  # heads: queries | keys | values
         qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
         rope = c.uses_rope(block.index)
         if rope:  # RoPE and QK-norm act per head alike on queries and keys: one call for both
@@ -323,7 +340,7 @@ class Llama4:
             out = layer_cache.attend(q, k, v, pos0, positions)
         else:
             out = attend(q, k, v, positions, pos0, c.attention_chunk_size if rope else None)
-        return F.linear(out, w.o)
+        return linear(out, w.o)
 
     def moe(self, x: torch.Tensor, block: Block) -> torch.Tensor:
         ffn: MoEWeights = block.ffn

@@ -26,15 +26,24 @@ if TYPE_CHECKING:
 WORKSPACE_TOKENS = 512  # activations are reserved for a step of this many tokens
 
 
-def resident_bytes(c: ModelConfig, itemsize: int) -> int:
-    """Everything but the routed experts, from the shapes alone."""
+def resident_bytes(c: ModelConfig, itemsize: int, resident_dtype: str = "auto") -> int:
+    """Everything but the routed experts, from the shapes alone. With --resident-dtype int8 the
+    attention, shared-expert, dense-MLP and lm_head matrices [N, K] take N*K bytes + a 2-byte scale
+    per row (model/formats.py Int8Linear); embeddings, norms and routers stay at the compute dtype."""
     D = c.hidden_size
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    n = c.vocab_size * D * (1 if c.tie_word_embeddings else 2) + D
+    int8 = resident_dtype == "int8"
+
+    def matrix(n: int, k: int) -> int:
+        return n * k + 2 * n if int8 else n * k * itemsize
+
+    n = (c.vocab_size * D * (1 if c.tie_word_embeddings and not int8 else 2 - int8) + D) * itemsize
+    n += matrix(c.vocab_size, D) if int8 else 0
     for i in range(c.num_hidden_layers):
-        n += (q + 2 * kv) * D + D * q + 2 * D
-        n += c.num_local_experts * D + 3 * c.intermediate_size * D if c.is_moe(i) else 3 * c.intermediate_size_mlp * D
-    return n * itemsize
+        n += matrix(q + 2 * kv, D) + matrix(D, q) + 2 * D * itemsize
+        F = c.intermediate_size if c.is_moe(i) else c.intermediate_size_mlp
+        n += matrix(2 * F, D) + matrix(D, F) + (c.num_local_experts * D * itemsize if c.is_moe(i) else 0)
+    return n
 
 
 def kv_token_bytes(c: ModelConfig, k_type: str, v_type: str) -> int:
@@ -171,7 +180,7 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device, dtype, fmt, strict: boo
     gpu_side = n_experts - len(cpu_layers) * c.num_local_experts
     layout = kv_layout(c, rt, dtype, ctx, problem)
     per_token = kv_token_bytes(c, layout.k_type, layout.v_type)
-    res, kv, ws = resident_bytes(c, itemsize), kv_bytes(c, ctx, per_token, layout.hot_tokens), workspace_bytes(c, itemsize)
+    res, kv, ws = resident_bytes(c, itemsize, rt.resident_dtype), kv_bytes(c, ctx, per_token, layout.hot_tokens), workspace_bytes(c, itemsize)
     fixed = res + kv + ws
     gpu_mem = rt.gpu_mem if rt.gpu_mem is not None else default_gpu_mem(device)
     need_slot = rt.cpu_experts == "never" and gpu_side > 0
