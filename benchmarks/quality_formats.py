@@ -3,7 +3,8 @@
     python benchmarks/quality_formats.py [--tokens 8192]
 
 Every routed expert is stored and multiplied in the format (quantized once, when placed); attention,
-routers and the shared experts stay as they are. The held-out text is the last 10% of the
+routers and the shared experts stay as they are, except in the last rows (`--resident-dtype int8`:
+the attention, shared-expert and lm_head matrices in int8 too). The held-out text is the last 10% of the
 conversations the model never trained on (moestream/data/shakespeare.py), scored in windows of 512
 tokens, each predicting its own next tokens. Also prints host bytes per expert, so quality can be
 read next to what each format saves. Deterministic (no sampling): the figures repeat exactly.
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--resident-int8", default="bf16,int4", help="expert formats to score again with --resident-dtype int8")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = moestream.load(expert_dtype="bf16")
@@ -48,11 +50,14 @@ def main() -> None:
     print("| experts | bytes per expert | vs bf16 | held-out perplexity | vs bf16 |")
     print("|---|---|---|---|---|")
     bf16_bytes = base.plan.expert_bytes
-    for name in args.formats.split(","):
-        llm = base if name == "bf16" else moestream.load(expert_dtype=name)
-        ppl = ref if name == "bf16" else perplexity(llm, ids)
+    rows = [(name, "auto") for name in args.formats.split(",")] + [(name, "int8") for name in args.resident_int8.split(",") if name]
+    for name, resident in rows:
+        same = name == "bf16" and resident == "auto"
+        llm = base if same else moestream.load(expert_dtype=name, resident_dtype=resident)
+        ppl = ref if same else perplexity(llm, ids)
         eb = llm.plan.expert_bytes
-        print(f"| {name} | {eb} | {eb / bf16_bytes:.3f} | {ppl:.4f} | {100 * (ppl / ref - 1):+.2f}% |")
+        label = name + (" + resident int8" if resident == "int8" else "")
+        print(f"| {label} | {eb} | {eb / bf16_bytes:.3f} | {ppl:.4f} | {100 * (ppl / ref - 1):+.2f}% |")
 
 
 if __name__ == "__main__":
