@@ -35,11 +35,46 @@ def perplexity(llm, ids: torch.Tensor, window: int = 512) -> float:
     return math.exp(total / count)
 
 
+def decode_perplexity(llm, ids: torch.Tensor, window: int = 512) -> float:
+    """As perplexity, but one token at a time through the KV cache: the steps miss replicas act on."""
+    total, count = 0.0, 0
+    for i in range(0, ids.numel(), window):
+        chunk = ids[i:i + window]
+        if chunk.numel() < 2:
+            break
+        total += F.cross_entropy(llm.decode_logits(chunk)[:-1], chunk[1:], reduction="sum").item()
+        count += chunk.numel() - 1
+    return math.exp(total / count)
+
+
+def miss_rows(ids: torch.Tensor, names: list[str]) -> None:
+    """--miss-dtype: a 25% expert cache (32 of 128), decoded token by token, every miss from the replica."""
+    probe = moestream.load()
+    slots = probe.plan.n_experts // 4
+    cache = str(slots * probe.plan.expert_bytes)
+    probe.close()
+    print(f"\nmiss replicas: {slots} of 128 experts cached, decoded one token at a time ({ids.numel()} tokens), "
+          "every decoded miss run from the replica")
+    print("| --miss-dtype | decode perplexity | vs off | misses run from the replica | expert bytes host->device per token | replica RAM |")
+    print("|---|---|---|---|---|---|")
+    ref = None
+    for name in ["off", *names]:
+        llm = moestream.load(expert_cache=cache, miss_dtype=name, cpu_experts="never")
+        ppl = decode_perplexity(llm, ids)
+        ref = ppl if ref is None else ref
+        e = llm.stats().experts
+        print(f"| {name} | {ppl:.4f} | {100 * (ppl / ref - 1):+.2f}% | {e.replica_runs / max(e.misses, 1):.0%} | "
+              f"{e.bytes_host_to_device / ids.numel() / 1024:.1f} KiB | {e.replica_bytes / 2**20:.2f} MiB |")
+        llm.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--miss", default="int4,int2", help="miss-replica formats to score (decoded, 25%% cache)")
+    ap.add_argument("--miss-tokens", type=int, default=2048)
     ap.add_argument("--resident-int8", default="bf16,int4", help="expert formats to score again with --resident-dtype int8")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,6 +93,8 @@ def main() -> None:
         eb = llm.plan.expert_bytes
         label = name + (" + resident int8" if resident == "int8" else "")
         print(f"| {label} | {eb} | {eb / bf16_bytes:.3f} | {ppl:.4f} | {100 * (ppl / ref - 1):+.2f}% |")
+    if args.miss:
+        miss_rows(ids[:args.miss_tokens], args.miss.split(","))
 
 
 if __name__ == "__main__":

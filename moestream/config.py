@@ -180,6 +180,10 @@ class RuntimeConfig:
                                      "has them (fp8 stays fp8; unquantized ones at the compute dtype); int8, int4, int2 "
                                      "and fp8 are quantized once, when experts are placed (and kept in the expert file "
                                      "for the next run), and shrink host RAM, disk and link bytes 2-8x.")
+    miss_dtype: str = setting("off", "--miss-dtype", choices=("off", "int4", "int2"),
+                              help="Keep a low-bit replica of every offloaded expert in host RAM (HOBBIT-style): a "
+                                   "decoded token's cache miss runs from it on the CPU at once while the full expert "
+                                   "is fetched for next time. Off by default (it trades exactness for stalls).")
     resident_dtype: str = setting("auto", "--resident-dtype", choices=("auto", "int8"),
                                   help="The resident attention, shared-expert, dense-MLP and lm_head matrices: auto = "
                                        "the compute dtype; int8 = per-channel int8, half of bf16's bytes (Maverick with "

@@ -167,3 +167,45 @@ def test_int8_resident_weights_halve_their_bytes_stay_close_and_the_plan_agrees(
     finally:
         base.close()
         llm.close()
+
+
+# --- low-bit replicas for misses (--miss-dtype) --------------------------------------------------------
+@pytest.mark.parametrize("miss", ["int4", "int2"])
+def test_miss_replicas_run_decoded_misses_and_leave_prefill_exact(tiny, resident, tmp_path, miss):
+    logits, stepped, eb, n = resident("scout", "bf16")
+    llm = moestream.load(tiny("scout")[0], expert_dtype="bf16", miss_dtype=miss, expert_cache=2 * eb, cpu_mem=0,
+                         expert_dir=tmp_path, cpu_experts="never")
+    try:
+        assert torch.equal(llm.logits(PROMPT), logits)  # prefill never uses a replica
+        s = llm.stats().experts
+        assert s.replica_runs == 0
+        decoded = llm.decode_logits(PROMPT)
+        s = llm.stats().experts
+        assert 0 < s.replica_runs <= s.misses and s.fetches >= s.replica_runs  # the full expert is fetched for next time
+        assert not torch.equal(decoded, stepped)  # a replica is an approximation, no further from the exact
+        # answer than every expert in the replica's format (only the misses run from it)
+        def drift(x):
+            return torch.softmax(x, -1).sub(torch.softmax(stepped, -1)).abs().sum(-1).mean()
+
+        assert drift(decoded) <= 1.1 * drift(resident("scout", miss)[1])
+        assert s.replica_bytes == llm.plan.miss_bytes == n * FORMATS[miss].nbytes(llm.config.hidden_size,
+                                                                                  llm.config.intermediate_size)
+        # the replicas have a file of their own beside the experts' (neither removes the other as stale)
+        roles = sorted(b'"role": "miss"' in f.read_bytes()[:4096] for f in tmp_path.glob("*.experts"))
+        assert roles == [False, True]
+    finally:
+        llm.close()
+
+
+def test_miss_replicas_take_their_ram_from_cpu_mem(tiny):
+    path = tiny("scout")[0]
+    runs = {}
+    for miss in ("off", "int4"):
+        out = subprocess.run([sys.executable, "-m", "moestream", "plan", "--json", "-m", str(path), "--miss-dtype", miss,
+                              "--expert-cache", "1", "--cpu-mem", "2MiB", "--cpu-experts", "always"],
+                             capture_output=True, text=True)
+        runs[miss] = json.loads(out.stdout)["host"]
+    replica = runs["int4"]["miss_replica_bytes"]
+    assert runs["off"]["miss_replica_bytes"] == 0 and replica > 0
+    eb = runs["off"]["expert_ram_bytes"] // runs["off"]["experts_in_ram"]
+    assert runs["int4"]["experts_in_ram"] == min(runs["off"]["experts_in_ram"], (2 * 2**20 - replica) // eb)

@@ -145,7 +145,7 @@ def plan(preset, link_gbps, disk_gbps, as_json, runtime):
     verdict = "does not fit" if p.problems else "fits, every routed expert on the CPU" if experts_on_cpu else "fits"
     report = {
         "model": name, "layers": config.num_hidden_layers, "moe_layers": len(config.moe_layers),
-        "experts_per_layer": config.num_local_experts, "top_k": config.num_experts_per_tok, "expert_dtype": expert_dtype,
+        "experts_per_layer": config.num_local_experts, "top_k": config.num_experts_per_tok, "expert_dtype": expert_dtype, "miss_dtype": runtime.miss_dtype,
         "expert_bytes": eb, "context": p.ctx_size, "max_context": max_ctx, "largest_context_that_fits": fits_ctx,
         "gpu": {"budget": runtime.gpu_mem, "budget_text": fmt_size(runtime.gpu_mem),
                 "resident_bytes": p.resident_bytes, "kv_bytes": p.kv_bytes,
@@ -156,6 +156,7 @@ def plan(preset, link_gbps, disk_gbps, as_json, runtime):
         "host": {"budget": runtime.cpu_mem, "budget_text": fmt_size(runtime.cpu_mem),
                  "experts_in_ram": p.host_experts if not p.resident else 0,
                  "experts_on_disk": p.disk_experts, "expert_ram_bytes": (p.host_experts if not p.resident else 0) * eb,
+                 "miss_replica_bytes": p.miss_bytes,
                  "expert_disk_bytes": p.disk_experts * eb},
         "kv": {"k_type": p.kv.k_type, "v_type": p.kv.v_type, "bytes_per_token_per_layer": per_token_kv,
                "global_layers": len(config.global_layers), "total_bytes_at_context": kv_full,
@@ -200,6 +201,8 @@ def render(r: dict) -> None:
     t.add_row("GPU", f"[bold]total[/bold] of --gpu-mem {g['budget_text']}", on_gpu(g["total_bytes"]))
     t.add_row("host RAM", f"{h['experts_in_ram']} experts (store) of --cpu-mem {h['budget_text']}",
               on_host(h["expert_ram_bytes"]))
+    if h["miss_replica_bytes"]:
+        t.add_row("host RAM", f"{r['miss_dtype']} miss replicas of every offloaded expert", on_host(h["miss_replica_bytes"]))
     t.add_row("disk", f"{h['experts_on_disk']} experts (repacked file)", on_host(h["expert_disk_bytes"]))
     if kv["host_tokens_per_global_layer"] is not None or kv["device_tokens_per_global_layer"] < r["context"]:
         host_tokens = kv["host_tokens_per_global_layer"]

@@ -31,6 +31,7 @@ class ExpertCounters:
     prefetch_hits: int = 0  # wanted experts that were in the cache thanks to a prefetch
     prefetch_wasted: int = 0  # prefetched experts evicted before any use
     cpu_runs: int = 0  # expert runs on the CPU
+    replica_runs: int = 0  # of them, misses run from the low-bit replica (--miss-dtype)
     cpu_seconds: float = 0.0  # time spent running experts on the CPU
     stall_seconds: float = 0.0  # host time blocked on copies / disk reads
 
@@ -50,6 +51,7 @@ class ExpertStats(ExpertCounters):
     bytes_disk_to_host: int = 0
     host_bytes: int = 0  # the store's host-RAM tier
     disk_experts: int = 0  # experts the store keeps on disk
+    replica_bytes: int = 0  # host RAM of the low-bit miss replicas (--miss-dtype)
     prefetch_recall: dict = field(default_factory=dict)  # lookahead distance -> recall
     prefetch_precision: dict = field(default_factory=dict)
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..model.experts import ExpertSource
-from ..model.formats import ExpertFormat
+from ..model.formats import FORMATS, ExpertFormat
 from ..profiling.recorder import NULL
 from .cache import ExpertCache
 from .cost import CostModel
@@ -28,7 +28,7 @@ def build_experts(checkpoint, settings, fmt: ExpertFormat, *, resident: bool, sl
                   cpu_layers: frozenset[int], routers: dict[int, torch.Tensor], device: torch.device, dtype: torch.dtype,
                   rec=NULL,
                   guess_log: list | None = None, progress: Callable[[int, int], None] | None = None) -> ExpertSource:
-    """settings: the RuntimeConfig (cache_policy, cache_split, prefetch, cpu_experts, expert_dir, repack);
+    """settings: the RuntimeConfig (cache_policy, cache_split, prefetch, cpu_experts, miss_dtype, expert_dir, repack);
     fmt: the experts' format (stored, moved and multiplied in it); dtype: the activations' dtype;
     routers: each MoE layer's router (for the prefetcher); progress(bytes_now, bytes_total) while
     experts are placed in host RAM / on disk."""
@@ -47,8 +47,12 @@ def build_experts(checkpoint, settings, fmt: ExpertFormat, *, resident: bool, sl
     if settings.prefetch > 0 and cache.slots > 0:
         prefetcher = Prefetcher(c.moe_layers, {layer: routers[layer] for layer in gpu_layers}, c.num_experts_per_tok,
                                 settings.prefetch)
+    replicas = None
+    if settings.miss_dtype != "off" and gpu_layers:  # every expert that can miss, in host RAM, packed once into a file
+        replicas = ExpertStore(checkpoint, [k for k in keys if k[0] not in cpu_layers], len(keys), FORMATS[settings.miss_dtype],
+                               pin=False, expert_dir=settings.expert_dir, repack=settings.repack, role="miss")
     cost = None
     if settings.cpu_experts == "auto" and cache.slots > 0 and store.host_keys:
         cost = CostModel.calibrate(store.host_experts[0], cache.pool[0], cache.slot_experts[0], device, c.hidden_size, dtype)
     return OffloadedExperts(store, cache, TransferEngine(store, cache, device, rec), prefetcher, cost,
-                            settings.cpu_experts, cpu_layers, guess_log)
+                            settings.cpu_experts, cpu_layers, guess_log, replicas)

@@ -4,7 +4,9 @@ For each MoE layer step, in order:
 1. score the prefetcher's earlier guesses for this layer, let the cache policy learn the routing;
 2. decide every wanted expert: a cache hit (waiting only for its own copy if it is still in flight),
    a fetch into a slot (demand priority), or - for --cpu-moe layers, a full cache, or when the
-   cost model says so - a run on the CPU from host RAM;
+   cost model says so - a run on the CPU from host RAM; with miss replicas (--miss-dtype), a decoded
+   token's miss runs at once from its low-bit replica on the CPU while the full expert is fetched
+   into a slot for next time (HOBBIT's trade: a little accuracy for no stall);
 3. for a single-token step, guess the next layers' experts and start their copies (prefetch
    priority), never evicting an expert this layer needs or one just prefetched;
 then `get` hands the model a callable expert: device weights, or a CPU twin that moves only the
@@ -48,11 +50,12 @@ class OffloadedExperts:
 
     def __init__(self, store: ExpertStore, cache: ExpertCache, transfer: TransferEngine,
                  prefetcher: Prefetcher | None, cost: CostModel | None, cpu_experts: str, cpu_layers: frozenset[int],
-                 guess_log: list | None = None):
+                 guess_log: list | None = None, replicas: ExpertStore | None = None):
         self.store, self.cache, self.transfer = store, cache, transfer
         self.prefetcher, self.cost = prefetcher, cost
         self.cpu_experts, self.cpu_layers = cpu_experts, cpu_layers
         self.guess_log = guess_log if prefetcher is not None else None
+        self.replicas = replicas
         self.counters = ExpertCounters()
         self.inflight: dict[tuple[int, int], Ticket] = {}
         self.unused_prefetch: set[tuple[int, int]] = set()  # prefetched, not yet wanted
@@ -91,6 +94,9 @@ class OffloadedExperts:
                 self.slot_for[e] = slot
                 continue
             c.misses += 1
+            if self.replicas is not None and tokens == 1 and key not in self.inflight:
+                self.on_cpu[e] = self._run_replica(key, protect)
+                continue
             if self.cpu_experts == "always" or (
                 self.cpu_experts == "auto" and self.cost is not None and self.cost.prefer_cpu(tokens)
             ):
@@ -133,6 +139,7 @@ class OffloadedExperts:
         return ExpertStats(format=self.store.fmt.name, bytes_per_expert=self.store.nbytes, gets=self.gets,
                            **vars(self.counters), **self.cache.snapshot(),
                            **self.transfer.snapshot(), **self.store.snapshot(),
+                           replica_bytes=self.replicas.host_bytes if self.replicas is not None else 0,
                            prefetch_recall={d: v["recall"] for d, v in prefetch.items()},
                            prefetch_precision={d: v["precision"] for d, v in prefetch.items()})
 
@@ -163,6 +170,17 @@ class OffloadedExperts:
         except Exception:
             self.cache.release(key)
             raise
+
+    def _run_replica(self, key, protect: set) -> CPUExpert:
+        """The miss runs from its replica now; the full expert's copy starts, not waited for."""
+        self.counters.cpu_runs += 1
+        self.counters.replica_runs += 1
+        slot = self._claim(key, protect)
+        if slot is not None:
+            self._fetch(key, slot)
+            self.counters.fetches += 1
+            self.cache.policy.touch(key)
+        return CPUExpert(self.replicas.host_expert(key), self.counters)
 
     def _run_on_cpu(self, key) -> CPUExpert:
         self.counters.cpu_runs += 1

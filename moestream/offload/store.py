@@ -62,13 +62,13 @@ class RepackedFile:
     LOCK = ".moestream-experts.lock"  # one per directory: every writer of *.experts there holds it
 
     def __init__(self, directory: Path, checkpoint_id: str, label: str, keys: list[tuple[int, int]], nbytes: int,
-                 expert_format: str, fingerprint: str):
+                 expert_format: str, fingerprint: str, role: str = "experts"):
         self.directory, self.keys, self.nbytes = directory, keys, nbytes
         self.block = -(-self.nbytes // BLOCK_ALIGN) * BLOCK_ALIGN
         self.index = {key: i for i, key in enumerate(keys)}
         self.meta = {"format": self.FORMAT, "checkpoint": checkpoint_id, "fingerprint": fingerprint,
                      "expert_format": expert_format, "nbytes": nbytes, "block": self.block,
-                     "keys": [list(k) for k in keys], "checksum": "xxh3_64"}
+                     "keys": [list(k) for k in keys], "checksum": "xxh3_64", "role": role}
         # one file per (checkpoint, layout, dtype): its name is a hash of everything the header must match
         digest = hashlib.sha1(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:16]
         self.path = directory / f"{label}-{digest}.experts"
@@ -120,7 +120,8 @@ class RepackedFile:
 
     def _remove_leftovers(self) -> None:
         """With the lock held: temporaries (their writers died: every writer holds the lock) and this
-        checkpoint's files for another fingerprint or layout. Other checkpoints' files stay."""
+        checkpoint's files for another fingerprint or layout, in the same role (the experts, or their
+        miss replicas). Other checkpoints' files stay."""
         for tmp in self.directory.glob(f".*.experts.*{TMP_SUFFIX}"):
             try:
                 tmp.unlink()
@@ -135,7 +136,8 @@ class RepackedFile:
                     meta = self.read_header(fd)
                 finally:
                     os.close(fd)
-                if meta is not None and meta.get("checkpoint") == self.meta["checkpoint"]:
+                if (meta is not None and meta.get("checkpoint") == self.meta["checkpoint"]
+                        and meta.get("role", "experts") == self.meta["role"]):  # the miss replicas' file is another's
                     other.unlink()
             except OSError:
                 pass  # unreadable or gone: not ours to judge
@@ -236,7 +238,7 @@ class ExpertStore:
     """
 
     def __init__(self, checkpoint: Checkpoint, keys: list[tuple[int, int]], host_experts: int, fmt: ExpertFormat,
-                 pin: bool, expert_dir: Path | None, repack: bool = True, progress=None):
+                 pin: bool, expert_dir: Path | None, repack: bool = True, progress=None, role: str = "experts"):
         c = checkpoint.config
         self.checkpoint, self.fmt = checkpoint, fmt
         self.hidden, self.inter = c.hidden_size, c.intermediate_size
@@ -251,7 +253,8 @@ class ExpertStore:
         self.file: RepackedFile | None = None
         if in_file and repack:
             self.file = RepackedFile(Path(expert_dir or cache_dir()).expanduser(), str(Path(checkpoint.path).resolve()),
-                                     checkpoint.path.name, in_file, self.nbytes, fmt.signature, checkpoint.fingerprint())
+                                     checkpoint.path.name + ("" if role == "experts" else f"-{role}"), in_file, self.nbytes,
+                                     fmt.signature, checkpoint.fingerprint(), role)
             staging = torch.empty(self.nbytes, dtype=torch.uint8)
             self.file.prepare(lambda key, buf: checkpoint.read_expert_into(*key, buf, fmt), staging, progress)
         source = self.file.read_into if self.file is not None and packs else (

@@ -123,6 +123,7 @@ class Plan:
     resident: bool  # every GPU-side expert has a slot: no store, no copies after first use
     gpu_mem: int | None
     problems: list[str]  # why it cannot run (only with strict=False)
+    miss_bytes: int = 0  # host RAM of the miss replicas (--miss-dtype), taken from --cpu-mem before the experts
 
     @property
     def device_bytes(self) -> int:
@@ -224,11 +225,15 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device, dtype, fmt, strict: boo
             f"{fmt_bytes(eb)}) with --cpu-experts never: raise --expert-cache"
         )
     resident = slots >= gpu_side and not cpu_layers
-    if rt.cpu_mem is not None:
-        host = min(n_experts, rt.cpu_mem // eb)
-    else:
-        host = min(n_experts, default_cpu_mem() // eb)
-    return Plan(ctx, eb, fmt.name, n_experts, res, kv, ws, layout, slots, cpu_layers, host, resident, gpu_mem, problems)
+    miss_bytes = 0
+    if rt.miss_dtype != "off" and not resident:  # a replica of every expert that can miss, in host RAM first
+        from ..model.formats import FORMATS
+
+        miss_bytes = gpu_side * FORMATS[rt.miss_dtype].nbytes(c.hidden_size, c.intermediate_size)
+    cpu_mem = rt.cpu_mem if rt.cpu_mem is not None else default_cpu_mem()
+    host = min(n_experts, max(0, cpu_mem - miss_bytes) // eb)
+    return Plan(ctx, eb, fmt.name, n_experts, res, kv, ws, layout, slots, cpu_layers, host, resident, gpu_mem, problems,
+                miss_bytes=miss_bytes)
 
 
 def largest_context(c: ModelConfig, rt: RuntimeConfig, device, dtype, fmt) -> int:
