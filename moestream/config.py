@@ -221,6 +221,12 @@ class RuntimeConfig:
                                 help="KV type for keys: auto = the compute dtype; q8_0 = int8 + per-(token, head) scale.")
     cache_type_v: str = setting("auto", "-ctv", "--cache-type-v", choices=KV_TYPES, help="KV type for values.")
     kv_block: int = setting(256, "--kv-block", parse=positive, help="Tokens per spilled KV block.")
+    # --- images ---
+    vision: bool = setting(True, "--no-vision", switch=True, on=False, sweep=False,
+                           help="Do not load the vision tower of a multimodal checkpoint (Scout's: 1.7 GB in bf16); "
+                                "images are then refused.")
+    max_images: int = setting(48, "--max-images", parse=positive, sweep=False,
+                              help="Most images in one conversation (each costs up to 17 tiles of 144 tokens).")
     profile: Path | None = setting(None, "--profile", parse=as_path, sweep=False, metavar="DIR",
                                    help="Write trace.json (Perfetto), summary.json, routing.jsonl and report.md to DIR.")
 

@@ -4,6 +4,8 @@
     llm.logits(ids)                         # whole prompt at once, fresh sequence -> [T, V]
     llm.decode_logits(ids)                  # one token at a time through the KV cache -> [T, V]
     llm.generate("To be, or", max_tokens=50, stream=print)
+    llm.generate([{"role": "user", "content": [{"type": "image", "path": "cat.png"},
+                                               {"type": "text", "text": "What is this?"}]}])
     llm.stats()                             # one snapshot of every counter
 
 Loading builds the parts in dependency order and wires them by their constructors: the plan (what
@@ -11,6 +13,8 @@ sits where), the recorder and routing trace (when asked for), the resident weigh
 source (offload/build.py), the model, the generation loop (scheduler/generate.py). Chat turns that
 extend the conversation reuse its KV cache (only the new tokens are prefilled); a step that fails or
 is interrupted inside the model drops the conversation's cache, never leaving a half-written one.
+A multimodal checkpoint also gets its vision tower (model/vision.py): each image of a chat is encoded
+once and kept with the conversation's Sequence, and its embeddings take its <|patch|> tokens' places.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from .config import RuntimeConfig, resolve_device, resolve_dtype
 from .errors import ContextFull, MoestreamError
 from .model.checkpoint import Checkpoint
 from .model.formats import expert_format
+from .model.images import PATCH, image_bytes, image_source
 from .model.llama4 import Llama4, load_weights
 from .model.sampling import SamplingParams
-from .model.tokenizer import Tokenizer
+from .model.tokenizer import Tokenizer, chat_parts
+from .model.vision import EncodedImage, encode_image, image_key, load_vision
 from .offload.build import build_experts
 from .profiling.recorder import NULL, Recorder
 from .profiling.report import Profile
@@ -38,6 +44,7 @@ from .profiling.routing import RoutingRecorder
 from .scheduler.generate import Generator, Sequence, TurnStats
 from .scheduler.plan import Plan, make_plan
 from .stats import MemoryStats, Stats, Totals
+from .units import fmt_bytes
 
 
 class LLM:
@@ -49,7 +56,7 @@ class LLM:
         if runtime.threads:
             torch.set_num_threads(runtime.threads)
         self.device = resolve_device(runtime.device)
-        self.checkpoint = checkpoint or Checkpoint(runtime.model)
+        self.checkpoint = checkpoint or Checkpoint(runtime.model, vision=runtime.vision)
         self.config = c = self.checkpoint.config
         self.dtype = resolve_dtype(runtime.dtype, self.device, self.checkpoint.dtype)
         if runtime.ctx_size > c.max_position_embeddings:
@@ -72,8 +79,11 @@ class LLM:
                                      host_experts=p.host_experts, cpu_layers=p.cpu_layers, routers=weights.routers(),
                                      device=self.device, dtype=self.dtype, rec=self.rec,
                                      guess_log=self.trace.buffer if self.trace else None, progress=progress)
+        # the vision tower, resident beside the text weights (counted in the plan's resident bytes)
+        self.vision = load_vision(self.checkpoint.read_vision, p.vision, self.device, self.dtype) if p.vision else None
         self.model = Llama4(c, weights, self.experts, self.device, self.dtype, rec=self.rec,
-                            on_route=self.trace.hook if self.trace else None)
+                            on_route=self.trace.hook if self.trace else None,
+                            image_token_id=p.vision.image_token_id if p.vision else None)
         self.profile = Profile(runtime.profile, self.rec, self.experts, weights.nbytes) if runtime.profile is not None else None
         self.generator = Generator(self.model, runtime.ubatch, self.rec, self.trace, self.profile)
         has_tokenizer = (Path(runtime.model) / "tokenizer.json").exists()
@@ -92,7 +102,9 @@ class LLM:
 
     @property
     def notes(self) -> list[str]:
-        return self.checkpoint.notes
+        seeing = [f"vision tower loaded ({fmt_bytes(self.vision.nbytes)} on {self.device}): images work; --no-vision "
+                  "skips it"] if self.vision is not None else []
+        return self.checkpoint.notes + seeing
 
     # --- sequences ---------------------------------------------------------------------------------
     def new_sequence(self) -> Sequence:
@@ -135,42 +147,107 @@ class LLM:
             raise MoestreamError(f"token ids must lie in [0, {self.config.vocab_size})")
         return ids
 
+    # --- images ------------------------------------------------------------------------------------
+    def check_images(self, count: int) -> None:
+        """The one line why a conversation of `count` images cannot be read: no vision tower, or more
+        images than --max-images (the chat asks before it attaches one)."""
+        if count and self.vision is None:
+            if self.config.is_multimodal and not self.runtime.vision:
+                raise MoestreamError("images are off (--no-vision): run without --no-vision to send images")
+            raise MoestreamError(f"{self.runtime.model} is a text-only checkpoint (config.json has no vision_config), so "
+                                 "it cannot read images: send text, or use a Llama 4 checkpoint with its vision tower")
+        if count > self.runtime.max_images:
+            raise MoestreamError(f"{count} images in the conversation, more than --max-images {self.runtime.max_images}: "
+                                 "start a new conversation (or raise --max-images)")
+        if count and (self.tokenizer is not None and self.tokenizer.token_id(PATCH) != self.vision.config.image_token_id):
+            raise MoestreamError(f"{self.runtime.model}/tokenizer.json has no {PATCH} token of id "
+                                 f"{self.vision.config.image_token_id} (config.json's image_token_index), so images cannot "
+                                 "be placed: re-download tokenizer.json")
+
+    def encode_images(self, parts: list) -> list[EncodedImage]:
+        """The images of content parts (model/images.py PART_FORMS), in order, each encoded once: one the
+        conversation already holds (the same file bytes) is taken from it, not run through the tower again."""
+        self.check_images(len(parts))
+        kept = dict(self.conversation.images) if self.conversation is not None else {}
+        out = []
+        for i, part in enumerate(parts):
+            data = image_bytes(part, f"image {i + 1}")
+            key = image_key(data)
+            if key not in kept:
+                kind, source = image_source(part)
+                with self.rec.span("encode image", image=i):
+                    kept[key] = encode_image(self.vision, data, key, source if kind == "path" else f"image {i + 1}")
+            out.append(kept[key])
+        return out
+
+    def encode_chat(self, messages) -> tuple[list[int], list[EncodedImage]]:
+        """Token ids of a chat (list of {"role", "content"}: text, or a list of text and image parts) and
+        its images, encoded, in order."""
+        if self.tokenizer is None:
+            raise MoestreamError(f"{self.runtime.model} has no tokenizer.json: pass token ids to generate_ids()")
+        messages = list(messages)
+        parts = chat_parts(messages)[1]
+        if not parts:
+            return self.tokenizer.encode_chat(messages), []
+        encoded = self.encode_images(parts)
+        ids = self.tokenizer.encode_chat(messages, aspect_ratios=[im.aspect_ratio for im in encoded],
+                                         patches_per_tile=self.vision.config.tokens_per_tile)
+        return ids, encoded
+
+    def _image_rows(self, ids: list[int], images: list[EncodedImage]) -> torch.Tensor | None:
+        """The embeddings of every <|patch|> token of ids, in order; each image's layout checked first."""
+        if not images:
+            return None
+        self.check_images(len(images))
+        patches, rows = ids.count(self.model.image_token_id), sum(im.tokens for im in images)
+        if patches != rows:
+            raise MoestreamError(f"the prompt has {patches} {PATCH} tokens where its {len(images)} images take {rows}: "
+                                 f"remove {PATCH} from the text (each image writes its own)")
+        return torch.cat([im.embeddings for im in images])
+
     # --- logits ------------------------------------------------------------------------------------
-    def logits(self, ids) -> torch.Tensor:
-        """[T, V] float32 logits of a fresh sequence, the whole prompt at once (in -ub micro-batches)."""
-        return self._fresh_logits(ids, self.runtime.ubatch)
+    def logits(self, ids, images=()) -> torch.Tensor:
+        """[T, V] float32 logits of a fresh sequence, the whole prompt at once (in -ub micro-batches).
+        images: the EncodedImages (encode_chat's) whose <|patch|> tokens ids hold, in order."""
+        return self._fresh_logits(ids, self.runtime.ubatch, images)
 
-    def decode_logits(self, ids) -> torch.Tensor:
+    def decode_logits(self, ids, images=()) -> torch.Tensor:
         """The same logits as `logits`, fed one token at a time through a fresh KV cache."""
-        return self._fresh_logits(ids, 1)
+        return self._fresh_logits(ids, 1, images)
 
-    def _fresh_logits(self, ids, step: int) -> torch.Tensor:
+    def _fresh_logits(self, ids, step: int, images=()) -> torch.Tensor:
         ids = self._ids(ids)
+        rows = self._image_rows(ids.tolist(), list(images))
         seq = self.new_sequence()
         try:
-            return self.generator.forward(ids, seq.cache, step).cpu()
+            return self.generator.forward(ids, seq.cache, step, images=rows).cpu()
         finally:
             self.drop(seq)
 
     # --- generation --------------------------------------------------------------------------------
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                     stream: Callable[[int], None] | None = None, stop_ids: set[int] | None = None) -> list[int]:
+                     stream: Callable[[int], None] | None = None, stop_ids: set[int] | None = None,
+                     images=()) -> list[int]:
         """Generate token ids after `prompt_ids` in the conversation; `stream(id)` is called for every
-        new token (not for the stop token that ends the reply)."""
+        new token (not for the stop token that ends the reply). images: the prompt's EncodedImages
+        (encode_chat's), kept with the conversation for its later turns."""
         params = params or SamplingParams()
         if stop_ids is None:
             stop_ids = set() if params.ignore_eos else self.stop_ids
         if len(prompt_ids) >= self.ctx_size:
             raise ContextFull(len(prompt_ids), self.ctx_size)
         prompt_ids = self._ids(prompt_ids).tolist()
+        images = list(images)
+        self._image_rows(prompt_ids, images)  # checked before the conversation changes
         seq = self.conversation
-        if seq is None or seq.reusable(prompt_ids) == 0:
+        if seq is None or seq.reusable(prompt_ids, images) == 0:
             seq = self.conversation = self.new_sequence()
+        seq.images = {im.key: im for im in images}  # the images of this prompt, for the turns that extend it
         seq.start_reply(params, stop_ids)
         self.turn = turn = TurnStats()
         budget = min(params.max_tokens, self.ctx_size - len(prompt_ids))
         try:
-            return self.generator.generate(seq, prompt_ids, budget, stream, turn)
+            return self.generator.generate(seq, prompt_ids, budget, stream, turn, images)
         finally:
             self.totals.prompt_tokens += turn.prompt_tokens
             self.totals.generated_tokens += turn.generated_tokens
@@ -188,9 +265,9 @@ class LLM:
         if self.tokenizer is None:
             raise MoestreamError(f"{self.runtime.model} has no tokenizer.json: pass token ids to generate_ids()")
         if isinstance(prompt_or_messages, str):
-            ids = self.tokenizer.encode(prompt_or_messages)
+            ids, images = self.tokenizer.encode(prompt_or_messages), []
         else:
-            ids = self.tokenizer.encode_chat(list(prompt_or_messages))
+            ids, images = self.encode_chat(prompt_or_messages)
         text_of = self.tokenizer.stream_decoder()
         pieces: list[str] = []
 
@@ -201,7 +278,7 @@ class LLM:
                 if stream is not None:
                     stream(piece)
 
-        self.generate_ids(ids, params, on_token)
+        self.generate_ids(ids, params, on_token, images=images)
         return "".join(pieces)
 
     # --- counters ----------------------------------------------------------------------------------
@@ -209,7 +286,8 @@ class LLM:
         """A snapshot of every counter (copies: reading them never disturbs the runtime)."""
         experts = self.experts.snapshot()
         kv = self.conversation.cache.snapshot() if self.conversation is not None else self.last_kv
-        memory = MemoryStats(self.model.resident_bytes, experts.device_bytes, kv.device_bytes, self.plan.gpu_mem)
+        resident = self.model.resident_bytes + (self.vision.nbytes if self.vision is not None else 0)
+        memory = MemoryStats(resident, experts.device_bytes, kv.device_bytes, self.plan.gpu_mem)
         return Stats(self.load_seconds, replace(self.turn), replace(self.totals), experts, kv, memory,
                      self.checkpoint.snapshot())
 
@@ -243,6 +321,7 @@ def load(path: str | Path | None = None, **settings) -> LLM:
     dtype, ctx_size, threads; gpu_mem, cpu_mem, expert_cache (sizes like "40GiB", "512MiB" or bytes),
     cpu_experts, cache_policy, cache_split, prefetch, cpu_moe, n_cpu_moe, expert_dir, repack,
     record_routing; kv_gpu_mem, kv_cpu_mem, kv_disk, ubatch, cache_type_k, cache_type_v, kv_block;
-    profile. Each is checked as its flag is (one MoestreamError line).
+    vision (False = --no-vision), max_images; profile. Each is checked as its flag is (one
+    MoestreamError line).
     """
     return LLM(RuntimeConfig.build(model=path, **settings))

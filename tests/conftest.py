@@ -37,7 +37,9 @@ VARIANTS = {
     # the transformers-4.51 config dialect: rope_theta + rope_scaling, no layer_types / moe_layers
     "dialect451": (dict(use_qk_norm=True, rope_parameters=LLAMA3_ROPE), "dialect451"),
 }
-VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vision_output_dim=32,
+# intermediate_size = hidden_size / pixel_shuffle_ratio^2: the adapter reads the shuffled channels (a tower
+# transformers itself can run on an image, so the multimodal checkpoint loads with its vision tower)
+VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, vision_output_dim=32,
               projector_input_dim=32, projector_output_dim=32, image_size=28, patch_size=14)
 
 

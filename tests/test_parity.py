@@ -82,7 +82,7 @@ def test_per_expert_key_variant(tiny, tmp_path):
     assert (llm.logits(ids) - oracle_logits(oracle, ids)).abs().max().item() < TOL
 
 
-def test_vision_weights_are_ignored_with_a_note(tiny):
+def test_vision_weights_load_with_a_note(tiny):
     llm = moestream.load(tiny("multimodal")[0])
     assert any("vision" in note for note in llm.notes)
     assert not any(k.startswith("vision_model") for k in llm.checkpoint.tensors)

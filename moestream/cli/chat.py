@@ -2,7 +2,8 @@
 
 Ctrl+C once stops the reply (the partial reply stays in the history; one stopped before its first
 token leaves nothing) or a slow command; twice in a row exits with status 130; Ctrl+D, /exit or /bye
-exits. Nothing can lose the conversation: a failed reply, a bad command or setting, an unreadable or
+exits. /image FILE attaches a picture to the next message (a multimodal checkpoint); /save keeps
+its path, /load sends it again. Nothing can lose the conversation: a failed reply, a bad command or setting, an unreadable or
 hostile file, even a bug each give one line and the history stays as it was (a bug's traceback goes
 to a file in the cache directory). The UI reads only `llm.stats()` and `llm.plan`, never the caches.
 """
@@ -28,6 +29,7 @@ HELP = """commands:
   /clear                    forget the conversation
   /regen                    generate the last reply again
   /read FILE                send a file's text as your message
+  /image FILE               attach an image to your next message (several allowed)
   /save FILE, /load FILE    the conversation and settings, as JSON
   /set KEY VALUE            temperature, top_p, top_k, max_tokens, seed, repeat_penalty, system
   /stats                    the runtime's counters
@@ -78,14 +80,25 @@ class ChatSession:
     def __init__(self, llm, params: SamplingParams, system: str | None, console: Console, verbose: bool):
         self.llm, self.params, self.system, self.console, self.verbose = llm, params, system, console, verbose
         self.history: list[dict] = []
+        self.pending: list[dict] = []  # image parts /image attached to the next message
 
     # --- talking ---------------------------------------------------------------------------------
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
 
     def reply(self, text: str) -> bool:
-        """Send a user message and stream the answer; returns True if Ctrl+C stopped it."""
-        self.history.append({"role": "user", "content": text})
+        """Send a user message, with the images attached to it, and stream the answer; returns True if
+        Ctrl+C stopped it. The attached images stay attached until a message that carries them is kept."""
+        content = [*self.pending, {"type": "text", "text": text}] if self.pending else text
+        before = len(self.history)
+        interrupted = self.send(content)
+        if len(self.history) > before:
+            self.pending = []
+        return interrupted
+
+    def send(self, content) -> bool:
+        """Send one user message (text, or a list of text and image parts) and stream the answer."""
+        self.history.append({"role": "user", "content": content})
         pieces: list[str] = []
 
         def show(piece: str) -> None:
@@ -132,7 +145,7 @@ class ChatSession:
         del self.history[-2:]
         before = len(self.history)
         try:
-            interrupted = self.reply(old[0]["content"])
+            interrupted = self.send(old[0]["content"])
         except BaseException:
             self.history.extend(old)
             raise
@@ -183,6 +196,23 @@ class ChatSession:
         self.params, self.system, self.history = params, system, messages
         self.llm.reset()
         return f"loaded {len(self.history)} messages from {path}"
+
+    def attach(self, path: str) -> str:
+        """/image FILE: checked now (the model can see, the count, the file decodes), sent with the next
+        message. The path is kept absolute, so a /save-d chat finds it from anywhere."""
+        from ..model.images import image_bytes, open_image
+        from ..model.tokenizer import chat_parts
+
+        if not path:
+            raise ChatError("usage: /image FILE")
+        count = len(chat_parts(self.history)[1]) + len(self.pending) + 1
+        self.llm.check_images(count)
+        part = {"type": "image", "path": str(Path(path).expanduser().absolute())}
+        with open_image(image_bytes(part), name=part["path"]) as im:
+            w, h = im.size
+        self.pending.append(part)
+        more = f" ({len(self.pending)} attached)" if len(self.pending) > 1 else ""
+        return f"attached {part['path']} ({w} x {h}){more}: it goes with your next message"
 
     def read_file(self, path: str) -> str:
         """/read FILE: a regular UTF-8 text file of at most 1 MiB (never a FIFO or a device that could hang
@@ -289,8 +319,15 @@ def read_session(path: str) -> tuple[list[dict], str | None, dict]:
     if not isinstance(messages, list):
         raise refuse('"messages" is not a list')
     for i, m in enumerate(messages):
+        if isinstance(m, dict) and isinstance(m.get("content"), list):  # text and image parts (/image)
+            from ..model.tokenizer import chat_parts
+
+            try:
+                chat_parts([m])
+            except MoestreamError as e:
+                raise refuse(str(e).replace("message 0", f"message {i}", 1)) from None
         if not (isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ("user", "assistant", "system")
-                and isinstance(m["content"], str) and is_utf8(m["content"])):
+                and is_text_or_parts(m["content"])):
             raise refuse(f'message {i} is not {{"role": "user"|"assistant"|"system", "content": text}}')
     if not (system is None or isinstance(system, str) and is_utf8(system)):
         raise refuse('"system" is neither text nor null')
@@ -302,6 +339,16 @@ def read_session(path: str) -> tuple[list[dict], str | None, dict]:
     if unknown:
         raise refuse(f"unknown setting {unknown[0][:40]}")
     return list(messages), system, settings
+
+
+def is_text_or_parts(content) -> bool:
+    """A message's content as /save writes it: UTF-8 text, or a non-empty list of parts whose strings
+    are UTF-8 (chat_parts has checked their shapes)."""
+    if isinstance(content, str):
+        return is_utf8(content)
+    if not isinstance(content, list) or not content:
+        return False
+    return all(is_utf8(v) for part in content if isinstance(part, dict) for v in part.values() if isinstance(v, str))
 
 
 def report_crash(e: BaseException) -> str:
@@ -461,12 +508,15 @@ def loop(session: ChatSession, console: Console) -> None:
                 console.print(HELP, markup=False)
             elif command == "/clear":
                 session.history.clear()
+                session.pending.clear()
                 session.llm.reset()
                 console.print("conversation cleared", style="dim")
             elif command == "/regen":
                 interrupted = session.regen()
             elif command == "/read":
                 interrupted = session.reply(session.read_file(args.strip()))
+            elif command == "/image":
+                console.print(session.attach(args.strip()), style="dim", markup=False, soft_wrap=True)
             elif command == "/save":
                 console.print(session.save(args.strip()), style="dim", markup=False, soft_wrap=True)
             elif command == "/load":

@@ -1,4 +1,6 @@
-"""`moestream generate`: one prompt in, the continuation on stdout, timings on stderr (for scripts)."""
+"""`moestream generate`: one prompt in, the continuation on stdout, timings on stderr (for scripts).
+
+With --chat, `--image FILE` (repeatable) puts images before the prompt in the user message."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import sys
 
 import click
 
-from ..errors import MoestreamError
+from ..errors import ContextFull, MoestreamError
 from .app import cli, load_llm, runtime_options, sampling_options
 
 
@@ -31,10 +33,12 @@ def timing_lines(turn) -> str:
 @click.option("--chat/--raw", default=False, show_default=True,
               help="--chat wraps the prompt as a user message in the model's chat template; --raw completes it as is.")
 @click.option("-sys", "--system-prompt", default=None, help="System message (with --chat).")
+@click.option("--image", "image_paths", multiple=True, metavar="FILE",
+              help="An image for the user message, before the prompt (with --chat; repeat for more).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text and timings.")
 @runtime_options
 @sampling_options
-def generate(prompt, prompt_file, chat, system_prompt, as_json, runtime, params):
+def generate(prompt, prompt_file, chat, system_prompt, image_paths, as_json, runtime, params):
     """Complete a prompt (from -p, -f FILE or stdin) and print the continuation."""
     if prompt is None and prompt_file is not None:
         try:
@@ -48,20 +52,23 @@ def generate(prompt, prompt_file, chat, system_prompt, as_json, runtime, params)
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise MoestreamError("the prompt is empty")
+    if image_paths and not chat:
+        raise MoestreamError("--image needs --chat: images go in the user message of the chat template")
 
     llm = load_llm(runtime)
     if chat:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": prompt}]
+        content = [*({"type": "image", "path": p} for p in image_paths), {"type": "text", "text": prompt}] \
+            if image_paths else prompt
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": content}]
         request = messages
     else:
         request = prompt
-    if llm.tokenizer is not None:  # a one-shot prompt that overflows: say so in this command's words
-        n = len(llm.tokenizer.encode_chat(request) if chat else llm.tokenizer.encode(request))
-        if n >= llm.ctx_size:
-            raise MoestreamError(f"the prompt is {n} tokens and the context holds {llm.ctx_size}: "
-                                 "shorten the prompt or raise -c")
     stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    text = llm.complete(request, params, stream=stream)
+    try:
+        text = llm.complete(request, params, stream=stream)
+    except ContextFull as e:  # a one-shot prompt that overflows: say so in this command's words
+        raise MoestreamError(f"the prompt is {e.tokens} tokens and the context holds {e.limit}: "
+                             "shorten the prompt or raise -c") from None
     stats = llm.stats()
     if as_json:  # the reply's timings at the top, as scripts read them; every counter under "stats"
         d = stats.as_dict()

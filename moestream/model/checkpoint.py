@@ -8,6 +8,10 @@ a 200 GB checkpoint costs milliseconds.
 Why lazy: routed experts are ~90% of the bytes. `read_expert(layer, e)` slices one expert out of the
 memory-mapped fused `[E, D, 2F]` / `[E, F, D]` tensors (or reads the per-expert variant) and never
 materialises a whole layer's experts.
+
+A Llama4ForConditionalGeneration checkpoint also holds the vision tower and projector
+(`vision_model.*`, `multi_modal_projector.*`): indexed apart from the text tensors, in `vision_tensors`,
+and read by `read_vision` (model/vision.py checks them against vision_config), unless vision is off.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ SAFETENSORS_DTYPES = {
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-IGNORED_PREFIXES = ("vision_model.", "multi_modal_projector.")
+VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 
 @dataclass
@@ -144,9 +148,9 @@ def check_entries(path: Path, header: dict, data_bytes: int) -> None:
 def text_name(key: str) -> str | None:
     """Map a stored tensor name to the text model's name (`model.layers...`, `lm_head.weight`).
 
-    Returns None for vision-tower / projector tensors, which a text-only runtime ignores.
+    Returns None for vision-tower / projector tensors, which are not the text model's.
     """
-    if key.startswith(IGNORED_PREFIXES):
+    if key.startswith(VISION_PREFIXES):
         return None
     if key.startswith("language_model."):
         key = key[len("language_model."):]
@@ -156,15 +160,19 @@ def text_name(key: str) -> str | None:
 
 
 class Checkpoint:
-    """A validated Llama 4 checkpoint directory. Tensors are read on request."""
+    """A validated Llama 4 checkpoint directory. Tensors are read on request.
 
-    def __init__(self, path: str | Path, config: ModelConfig | None = None):
+    vision: index the vision tower's tensors (False = --no-vision: they are skipped with a note)."""
+
+    def __init__(self, path: str | Path, config: ModelConfig | None = None, vision: bool = True):
         self.path = Path(path)
         if not self.path.is_dir():
             raise MoestreamError(misused_model_path(self.path) or f"model directory {self.path} does not exist")
         self.config = config or ModelConfig.from_file(self.path / "config.json")
         self.notes: list[str] = []  # one-line remarks for the user (e.g. ignored vision weights)
         self.tensors: dict[str, TensorInfo] = {}
+        self.vision_tensors: dict[str, TensorInfo] = {}  # vision_model.* / multi_modal_projector.*, by stored name
+        self.vision = vision
         self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}
         self.expert_reads = 0  # experts sliced out of the files: proves laziness in tests
@@ -206,13 +214,15 @@ class Checkpoint:
             header, data_start = read_safetensors_header(f)
             for key, meta in header.items():
                 name = text_name(key)
+                info = TensorInfo(f, key, meta["dtype"], tuple(meta["shape"]), data_start + meta["data_offsets"][0])
                 if name is None:
                     vision += 1
+                    if self.vision:
+                        self.vision_tensors[key] = info
                     continue
-                offset = data_start + meta["data_offsets"][0]
-                self.tensors[name] = TensorInfo(f, key, meta["dtype"], tuple(meta["shape"]), offset)
-        if vision:
-            self.notes.append(f"ignoring {vision} vision-tower tensors (moestream runs the text model only)")
+                self.tensors[name] = info
+        if vision and not self.vision:
+            self.notes.append(f"ignoring {vision} vision-tower tensors (--no-vision): this run reads text only")
 
     def _first_moe(self) -> int:
         return self.config.moe_layers[0] if self.config.moe_layers else -1
@@ -322,8 +332,19 @@ class Checkpoint:
         return h
 
     def _raw(self, name: str) -> torch.Tensor:
-        info = self.tensors[name]
+        info = self.tensors.get(name) or self.vision_tensors[name]
         return self._handle(info.shard).get_tensor(info.key)
+
+    def read_vision(self, name: str) -> torch.Tensor:
+        """One vision-tower or projector tensor by its stored name (`vision_model.…`), as `read` does."""
+        info = self.vision_tensors.get(name)
+        if info is None:
+            raise MoestreamError(f"checkpoint lacks tensor {name} that config.json's vision_config implies: the "
+                                 "download is incomplete; re-download it (or --no-vision to load the text model alone)")
+        if info.dtype not in FLOAT_DTYPES and not (info.dtype == "F8_E4M3" and self.scale_name(name) in self.vision_tensors):
+            raise MoestreamError(f"tensor {name} is stored as {info.dtype}; moestream reads vision weights in bf16/f16/f32 "
+                                 "(or fp8 with a scale): re-download the checkpoint, or --no-vision")
+        return self.read(name)
 
     def read(self, name: str) -> torch.Tensor:
         """One whole tensor (a non-expert weight); an fp8 one comes back dequantized to float32."""

@@ -23,6 +23,8 @@ first frame of an animation is read.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import os
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import MoestreamError
+from ..files import read_limited
 
 SIZE = 336  # a tile's side
 MAX_PATCHES = 16  # most tiles per image (the global view comes on top)
@@ -47,18 +50,61 @@ MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 89 m
 IMAGE_START, IMAGE_END, IMAGE, PATCH = "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>"
 TILE_X, TILE_Y = "<|tile_x_separator|>", "<|tile_y_separator|>"
 IMAGE_PLACEHOLDER = IMAGE  # what a chat template writes for one image, before expand_image_tokens
+FILE_LIMIT = 64 * 2**20  # bytes of one image file or base64 payload: more than any photo, less than RAM minds
+PART_FORMS = ('{"type": "image", "path": FILE}, {"type": "image", "data": BASE64} or '
+              '{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}')
+
+
+# --- where an image comes from -------------------------------------------------------------------
+def image_source(part, where: str = "an image part") -> tuple[str, str]:
+    """("path", FILE) or ("data", BASE64) of an image content part in one of PART_FORMS, checked for
+    shape only (nothing is read): what /load checks and what image_bytes reads."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "image" and isinstance(part.get("path"), str) and part["path"]:
+        return "path", part["path"]
+    if kind == "image" and isinstance(part.get("data"), str):
+        return "data", part["data"]
+    url = part.get("image_url") if kind == "image_url" else part.get("url") if kind == "image" else None
+    url = url.get("url") if isinstance(url, dict) else url
+    if isinstance(url, str) and url.startswith("data:"):
+        header, comma, payload = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise MoestreamError(f"{where} has a data: URL that is not base64 (data:image/png;base64,...): "
+                                 "encode the image as base64")
+        return "data", payload
+    if isinstance(url, str):
+        raise MoestreamError(f"{where} points at {url[:60]!r}: moestream fetches nothing from the network; "
+                             'download the image and pass {"type": "image", "path": FILE}')
+    raise MoestreamError(f"{where} is not an image part: use {PART_FORMS}")
+
+
+def image_bytes(part, where: str = "an image part") -> bytes:
+    """The encoded file bytes of an image content part: a regular file of at most FILE_LIMIT bytes, or the
+    decoded base64. The bytes are also the image's identity (the conversation keeps its embeddings by
+    their hash), so a path and the same file as base64 are one image."""
+    kind, value = image_source(part, where)
+    if kind == "path":
+        return read_limited(value, FILE_LIMIT, "moestream", f"pass an image file of at most {FILE_LIMIT // 2**20} MiB")
+    if len(value) > FILE_LIMIT * 4 // 3 + 4096:
+        raise MoestreamError(f"{where} holds {len(value) / 2**20:.0f} MiB of base64, over the {FILE_LIMIT // 2**20} MiB "
+                             "an image may take: downscale or recompress it")
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise MoestreamError(f"{where} holds data that is not valid base64: encode the image file with base64") from None
 
 
 # --- decoding ------------------------------------------------------------------------------------
-def open_image(image) -> Image.Image:
+def open_image(image, name: str | None = None) -> Image.Image:
     """A decoded image from a PIL image (used as it is), bytes or a path (opened, and turned upright by
     its EXIF orientation as transformers' load_image does). Its size is checked from the header,
-    before any pixel is decoded. Bad input is one MoestreamError line."""
+    before any pixel is decoded. Bad input is one MoestreamError line, naming the image as `name`
+    (default: its path, or "the image bytes")."""
     if isinstance(image, Image.Image):
-        im, name = image, "the image"
+        im, name = image, name or "the image"
     elif isinstance(image, (bytes, bytearray, memoryview, str, os.PathLike)):
         binary = isinstance(image, (bytes, bytearray, memoryview))
-        name = "the image bytes" if binary else str(image)
+        name = name or ("the image bytes" if binary else str(image))
         try:
             with warnings.catch_warnings():  # Pillow warns between 1x and 2x its limit; the check below refuses
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -159,12 +205,13 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return x.sub(mean).div_(std).float()
 
 
-def preprocess(image, size: int = SIZE, max_patches: int = MAX_PATCHES, resize_to_max_canvas: bool = False):
+def preprocess(image, size: int = SIZE, max_patches: int = MAX_PATCHES, resize_to_max_canvas: bool = False,
+               name: str | None = None):
     """One image (a PIL image, bytes or a path) -> (pixel values [n_tiles, 3, size, size] float32,
     aspect ratio (rows, cols)). n_tiles is rows * cols, plus one global view when that is more than 1."""
     if size < 1 or max_patches < 1:
         raise MoestreamError(f"image size ({size}) and max_patches ({max_patches}) must be at least 1")
-    pixels = to_rgb(open_image(image))[None]  # [1, 3, H, W] uint8
+    pixels = to_rgb(open_image(image, name))[None]  # [1, 3, H, W] uint8
     H, W = pixels.shape[-2:]
     canvas = best_fit(H, W, supported_resolutions(max_patches, size), resize_to_max_canvas)
     h, w = resized_size(H, W, canvas, size, resize_to_max_canvas)

@@ -195,11 +195,13 @@ class Llama4:
 
     experts: the expert source (model/experts.py); rec: the profiling recorder (NULL = off);
     on_route: an optional hook called with (layer, experts [T, k], scores [T, k]) at every MoE layer
-    (the routing trace's buffer append)."""
+    (the routing trace's buffer append); image_token_id: the <|patch|> token whose embeddings an image's
+    replace (None: a text-only model)."""
 
     def __init__(self, config: ModelConfig, weights: Weights, experts: ExpertSource, device, dtype, rec=NULL,
-                 on_route=None):
+                 on_route=None, image_token_id: int | None = None):
         self.config, self.blocks = config, weights.blocks
+        self.image_token_id = image_token_id
         self.embed, self.norm, self.lm_head = weights.embed, weights.norm, weights.lm_head
         self.experts = experts
         self.device, self.dtype = torch.device(device), dtype
@@ -234,14 +236,17 @@ class Llama4:
                 attention_temperature(positions, self.config)[:, None, None])
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache=None, last_only: bool = False, images: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (float32) for token ids [T] continuing `cache` (a KVCache: its `pos` and one cache per
-        layer; None = a fresh sequence, no cache)."""
+        layer; None = a fresh sequence, no cache). images: early fusion, the projected image embeddings
+        [P, D] that take the places of the P <|patch|> tokens of ids, in order (model/vision.py)."""
         rec = self.rec  # profiling: rec.mark() reads the clock, rec.add(span) keeps one (builtins; no-ops when off)
         t = rec.mark()
         pos0 = cache.pos if cache is not None else 0
         positions, rotations, temperature = self.positions(pos0, ids.shape[0])
         x = F.embedding(ids.to(self.device), self.embed)
+        if images is not None:  # as transformers' masked_scatter: the i-th <|patch|> gets row i
+            x[ids.to(self.device) == self.image_token_id] = images.to(device=x.device, dtype=x.dtype)
         rec.add(("embed", t, rec.mark(), -1))  # with the positions' rotations and temperatures
         for block in self.blocks:
             layer_cache = cache.layers[block.index] if cache is not None else None

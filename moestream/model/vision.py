@@ -23,6 +23,7 @@ read through a `read(name) -> tensor` function (the Checkpoint's), checked again
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MoestreamError
+from . import images
 from .config import _Fields
 from .llama4 import apply_rope
 
@@ -117,6 +119,22 @@ class VisionConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MoestreamError(f"{path} is not valid JSON ({e}); re-download config.json") from None
         return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def of_checkpoint(cls, path: str | Path) -> "VisionConfig | None":
+        """The tower of a checkpoint's config.json, or None for a text-only one. A bad vision_config is
+        one line that also offers --no-vision, which loads the text model without it."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # ModelConfig has read this file already and says what is wrong with it
+        if not isinstance(raw, dict) or raw.get("vision_config") is None:
+            return None
+        try:
+            return cls.from_dict(raw, source=str(path))
+        except MoestreamError as e:
+            raise MoestreamError(f"{e} (or --no-vision to load the text model alone)") from None
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "VisionConfig":
@@ -333,3 +351,29 @@ def encode_images(weights: VisionWeights, pixel_values: torch.Tensor) -> torch.T
     tiles = pixel_values.to(device=device, dtype=dtype)
     out = [encode_tiles(weights, chunk) for chunk in tiles.split(TILES_PER_PASS)]
     return torch.cat(out).reshape(-1, c.text_hidden_size)
+
+
+# --- one image, kept with the conversation -------------------------------------------------------
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image as the text model reads it. A conversation keeps these (scheduler/generate.py Sequence),
+    so a later turn, or a prompt prefilled again, never runs the tower twice for the same picture."""
+
+    key: str  # sha256 of the image file's bytes: a path and the same file as base64 are one image
+    aspect_ratio: tuple[int, int]  # tiles (rows, cols): the layout of its tokens in the prompt
+    embeddings: torch.Tensor  # [tiles * tokens_per_tile, text hidden], on the CPU (no device memory between turns)
+
+    @property
+    def tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+
+def image_key(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def encode_image(weights: VisionWeights, data: bytes, key: str | None = None, name: str | None = None) -> EncodedImage:
+    """Decode, preprocess (tiles of the tower's side) and encode one image file's bytes; `name` is how
+    an error names the image (its path)."""
+    pixels, ratio = images.preprocess(data, size=weights.config.image_size, name=name)
+    return EncodedImage(key or image_key(data), ratio, encode_images(weights, pixels).cpu())

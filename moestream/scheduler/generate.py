@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..errors import MoestreamError
 from ..model.sampling import MIN_TEMPERATURE, SamplingParams
 from ..profiling.recorder import NULL
+
+if TYPE_CHECKING:
+    from ..model.vision import EncodedImage
 
 
 # --- choosing the next token ---------------------------------------------------------------------
@@ -51,21 +55,29 @@ class Sequence:
     """One conversation's state between steps.
 
     cache: its KV cache (cache/kv.py); ids: the tokens whose keys and values the cache holds, in order.
-    Sampling settings, the random generator and the stop tokens belong to a reply (`start_reply`)."""
+    Sampling settings, the random generator and the stop tokens belong to a reply (`start_reply`).
+    images: the conversation's encoded images (model/vision.py EncodedImage) by key, so a later turn
+    finds them instead of running the tower again; image_keys: those the cache holds, in prompt order."""
 
     def __init__(self, cache):
         self.cache = cache
         self.ids: list[int] = []
+        self.images: dict[str, EncodedImage] = {}
+        self.image_keys: list[str] = []
         self.broken = False  # a step failed inside the model: the cache may be half-written
         self.params = SamplingParams()
         self.stop_ids: set[int] = set()
         self.generator: torch.Generator | None = None
 
-    def reusable(self, prompt_ids: list[int]) -> int:
+    def reusable(self, prompt_ids: list[int], images=()) -> int:
         """How many leading tokens of `prompt_ids` the cache already holds (a chat turn that extends the
-        conversation reuses them; 0 means start again). At least one token is always fed."""
+        conversation reuses them; 0 means start again). At least one token is always fed. With images
+        (the prompt's EncodedImages, in order) the cache's must be the first of them: the same <|patch|>
+        ids may stand for another picture."""
         n = len(self.ids)
         if self.broken or n >= len(prompt_ids) or prompt_ids[:n] != self.ids:
+            return 0
+        if self.image_keys and [im.key for im in images[:len(self.image_keys)]] != self.image_keys:
             return 0
         return n
 
@@ -108,19 +120,33 @@ class Generator:
         if self.cuda:
             torch.cuda.synchronize(self.model.device)
 
-    def forward(self, ids: torch.Tensor, cache, step: int, last_only: bool = False) -> torch.Tensor:
-        """Feed ids through the cache `step` tokens at a time: logits of every token, or of the last."""
+    def forward(self, ids: torch.Tensor, cache, step: int, last_only: bool = False,
+                images: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ids through the cache `step` tokens at a time: logits of every token, or of the last.
+        images: the embeddings [P, D] of the P <|patch|> tokens of ids, in order; each micro-batch gets
+        the rows of its own patch tokens (an offset runs along)."""
         pieces, trace = [], self.trace
+        if images is not None:
+            patches, at = ids == self.model.image_token_id, 0
+            if int(patches.sum()) != images.shape[0]:
+                raise MoestreamError(f"the prompt has {int(patches.sum())} <|patch|> tokens for {images.shape[0]} "
+                                     "image embeddings: give each image its own token layout (images.image_token_text)")
         for i in range(0, ids.numel(), step):
-            pieces.append(self.model.forward(ids[i:i + step], cache, last_only=last_only and i + step >= ids.numel()))
+            rows = None
+            if images is not None:
+                k = int(patches[i:i + step].sum())
+                rows, at = (images[at:at + k] if k else None), at + k
+            pieces.append(self.model.forward(ids[i:i + step], cache, last_only=last_only and i + step >= ids.numel(),
+                                             images=rows))
             if trace is not None and trace.full:  # bounded: its tensors may be on the GPU
                 trace.flush()
         return pieces[-1] if last_only else torch.cat(pieces)
 
-    def step(self, seq: Sequence, ids: list[int]) -> torch.Tensor:
+    def step(self, seq: Sequence, ids: list[int], images: torch.Tensor | None = None) -> torch.Tensor:
         """Feed `ids` after the tokens the sequence holds; the logits [V] of the last one."""
         try:
-            logits = self.forward(torch.tensor(ids, dtype=torch.long), seq.cache, self.ubatch, last_only=True)
+            logits = self.forward(torch.tensor(ids, dtype=torch.long), seq.cache, self.ubatch, last_only=True,
+                                  images=images)
         except BaseException:
             seq.broken = True
             raise
@@ -142,10 +168,10 @@ class Generator:
             self.trace.flush()
         return logits
 
-    def prefill(self, seq: Sequence, ids: list[int], turn: TurnStats) -> torch.Tensor:
+    def prefill(self, seq: Sequence, ids: list[int], turn: TurnStats, images: torch.Tensor | None = None) -> torch.Tensor:
         t0 = time.perf_counter()
         with self.rec.span("prefill", tokens=len(ids)):
-            logits = self.step(seq, ids)
+            logits = self.step(seq, ids, images)
             self.sync()
         turn.prompt_tokens, turn.prompt_seconds = len(ids), time.perf_counter() - t0
         if self.profile is not None:
@@ -190,8 +216,11 @@ class Generator:
         return out
 
     def generate(self, seq: Sequence, prompt_ids: list[int], max_tokens: int,
-                 on_token: Callable[[int], None] | None, turn: TurnStats) -> list[int]:
-        """A reply: prefill what the sequence does not hold yet, then decode up to max_tokens."""
-        n = seq.reusable(prompt_ids)
-        logits = self.prefill(seq, prompt_ids[n:], turn)
+                 on_token: Callable[[int], None] | None, turn: TurnStats, images=()) -> list[int]:
+        """A reply: prefill what the sequence does not hold yet, then decode up to max_tokens. images: the
+        prompt's EncodedImages in order; only those the cache does not hold yet are fed."""
+        n = seq.reusable(prompt_ids, images)
+        new = images[len(seq.image_keys):] if n else images
+        logits = self.prefill(seq, prompt_ids[n:], turn, torch.cat([im.embeddings for im in new]) if new else None)
+        seq.image_keys = [im.key for im in images]
         return self.decode_n(seq, logits, max_tokens, on_token, turn)

@@ -1,7 +1,7 @@
 """Plan: what sits where, worked out from the model's shapes and the budgets before any weight is read.
 
 Compute-device bytes = resident weights (attention, norms, routers, shared/dense MLPs, embeddings,
-lm_head) + KV reserved for the context + a workspace for activations + expert-cache slots.
+lm_head, and a multimodal checkpoint's vision tower and projector unless --no-vision) + KV reserved for the context + a workspace for activations + expert-cache slots.
 Routed experts live in the ExpertStore: host RAM up to --cpu-mem, the rest on disk. When the
 budget holds every expert, the cache *is* the model: experts are read straight from the
 checkpoint into their slots once and never move again.
@@ -13,6 +13,7 @@ torch and the KV cache are imported inside the functions that need them: `moestr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import DEFAULT_CTX, RuntimeConfig
@@ -22,6 +23,7 @@ from ..units import fmt_bytes, fmt_in, fmt_size, is_binary
 
 if TYPE_CHECKING:
     from ..cache.kv import KVLayout
+    from ..model.vision import VisionConfig
 
 WORKSPACE_TOKENS = 512  # activations are reserved for a step of this many tokens
 
@@ -123,6 +125,8 @@ class Plan:
     resident: bool  # every GPU-side expert has a slot: no store, no copies after first use
     gpu_mem: int | None
     problems: list[str]  # why it cannot run (only with strict=False)
+    vision: VisionConfig | None = None  # the vision tower to load (a multimodal checkpoint, not --no-vision)
+    vision_bytes: int = 0  # its weights on the compute device: part of resident_bytes
     miss_bytes: int = 0  # host RAM of the miss replicas (--miss-dtype), taken from --cpu-mem before the experts
 
     @property
@@ -155,6 +159,16 @@ def _raise(message: str):
     raise MoestreamError(message)
 
 
+def vision_of(c: ModelConfig, rt: RuntimeConfig) -> VisionConfig | None:
+    """The vision tower a run places: a multimodal checkpoint's (config.json's vision_config), unless
+    --no-vision. Read here, with the shapes, so `plan` counts what `load` holds."""
+    if not (c.is_multimodal and rt.vision):
+        return None
+    from ..model.vision import VisionConfig
+
+    return VisionConfig.of_checkpoint(Path(rt.model) / "config.json")
+
+
 def make_plan(c: ModelConfig, rt: RuntimeConfig, device, dtype, fmt, strict: bool = True) -> Plan:
     """Placement from shapes and budgets. strict: a budget that cannot work raises MoestreamError;
     otherwise (the `plan` command) the reasons are collected in plan.problems and the plan goes on.
@@ -182,6 +196,9 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device, dtype, fmt, strict: boo
     layout = kv_layout(c, rt, dtype, ctx, problem)
     per_token = kv_token_bytes(c, layout.k_type, layout.v_type)
     res, kv, ws = resident_bytes(c, itemsize, rt.resident_dtype), kv_bytes(c, ctx, per_token, layout.hot_tokens), workspace_bytes(c, itemsize)
+    vision = vision_of(c, rt)
+    vb = vision.resident_bytes(dtype) if vision is not None else 0
+    res += vb
     fixed = res + kv + ws
     gpu_mem = rt.gpu_mem if rt.gpu_mem is not None else default_gpu_mem(device)
     need_slot = rt.cpu_experts == "never" and gpu_side > 0
@@ -198,11 +215,13 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device, dtype, fmt, strict: boo
         f = lambda n, up=False: fmt_in(n, is_binary(gpu_mem), up)  # noqa: E731  (in the units the budget was typed in)
         problem(
             f"--gpu-mem {fmt_size(gpu_mem)} is below the {f(minimum)} this model needs at -c {ctx} "
-            f"(resident weights {f(res)} + KV {f(kv)} + workspace {f(ws)}"
+            f"(resident weights {f(res)}" + (f", of which the vision tower {f(vb)}" if vb else "")
+            + f" + KV {f(kv)} + workspace {f(ws)}"
             + (f" + one expert slot {f(eb)}" if need_slot else "")
             + f"): use --gpu-mem {f(minimum, up=True)} or more"
             + (f", or -c {largest} (the largest context that fits)" if largest > 0 else "")
             + (", or --kv-gpu-mem to spill KV to host RAM" if rt.kv_gpu_mem is None and c.global_layers and spare > 0 else "")
+            + (", or --no-vision (text only)" if vb else "")
         )
     if rt.expert_cache is not None:
         slots = rt.expert_cache // eb
@@ -233,7 +252,7 @@ def make_plan(c: ModelConfig, rt: RuntimeConfig, device, dtype, fmt, strict: boo
     cpu_mem = rt.cpu_mem if rt.cpu_mem is not None else default_cpu_mem()
     host = min(n_experts, max(0, cpu_mem - miss_bytes) // eb)
     return Plan(ctx, eb, fmt.name, n_experts, res, kv, ws, layout, slots, cpu_layers, host, resident, gpu_mem, problems,
-                miss_bytes=miss_bytes)
+                vision=vision, vision_bytes=vb, miss_bytes=miss_bytes)
 
 
 def largest_context(c: ModelConfig, rt: RuntimeConfig, device, dtype, fmt) -> int:
