@@ -98,6 +98,17 @@ class _Fields:
         return value
 
 
+def read_config_json(path: str | Path):
+    """config.json's parsed contents, or one line saying what to do (the text and vision configs both read it)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MoestreamError(f"{path} not found: a model directory needs config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoestreamError(f"{path} is not valid JSON ({e}); re-download config.json") from None
+
+
 @dataclass
 class RopeScaling:
     """llama3-style frequency scaling (None on the model means plain RoPE)."""
@@ -156,14 +167,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MoestreamError(f"{path} not found: a model directory needs config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MoestreamError(f"{path} is not valid JSON ({e}); re-download config.json") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":

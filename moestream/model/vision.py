@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import MoestreamError
 from . import images
-from .config import _Fields
+from .config import _Fields, read_config_json
 from .llama4 import apply_rope
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default: transformers never passes norm_eps to the vision norms
@@ -111,14 +111,7 @@ class VisionConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "VisionConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MoestreamError(f"{path} not found: a model directory needs config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MoestreamError(f"{path} is not valid JSON ({e}); re-download config.json") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     @classmethod
     def of_checkpoint(cls, path: str | Path) -> "VisionConfig | None":
