@@ -198,7 +198,7 @@ def chat_messages(body: dict) -> list[dict]:
             for part in content:
                 if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                     raise ApiError(400, f"'{where}.content' parts must be text parts ({{\"type\": \"text\", "
-                                        "\"text\": ...}}): this server reads text only", param="messages")
+                                        "\"text\": ...}): this server reads text only (images: moestream chat /image, or llm.generate)", param="messages")
                 texts.append(part["text"])
             content = "\n".join(texts)
         elif content is None:
