@@ -62,7 +62,7 @@ class LLM:
         if runtime.ctx_size > c.max_position_embeddings:
             raise MoestreamError(f"context size {runtime.ctx_size} exceeds this model's maximum of "
                                  f"{c.max_position_embeddings} tokens: use -c {c.max_position_embeddings} or less")
-        self.expert_format = expert_format(runtime.expert_dtype, self.checkpoint.expert_dtype, self.dtype)
+        self.expert_format = expert_format(runtime.expert_dtype, self.checkpoint.expert_dtype, self.dtype, self.device)
         self.plan: Plan = make_plan(c, runtime, self.device, self.dtype, self.expert_format)
         self.ctx_size = self.plan.ctx_size
         # opened and locked for the life of the LLM: an unwritable, foreign or busy --kv-disk fails now

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 
 from moestream.errors import MoestreamError
 from moestream.model import formats as fm
-from moestream.model.formats import ALIGN, FORMATS, ExpertWeights, Fp8, Int2, Int4, Int8, expert_format
+from moestream.model.formats import CPU_FORMATS, ALIGN, FORMATS, ExpertWeights, Fp8, Int2, Int4, Int8, expert_format
 
 SHAPES = [(128, 192), (256, 512)]  # (hidden, inter): the embedded model's, and one where every group size divides
 CASES = {
     "f32": FORMATS["f32"], "bf16": FORMATS["bf16"], "f16": FORMATS["f16"], "int8": Int8(), "fp8": Fp8(),
+    "bf16-out-major": CPU_FORMATS["bf16"], "f16-out-major": CPU_FORMATS["f16"],
     **{f"int4-g{g}": Int4(f"int4-g{g}", group=g) for g in (32, 64, 128)},
     **{f"int4-g{g}-sym": Int4(f"int4-g{g}-sym", group=g, symmetric=True) for g in (32, 64, 128)},
     "int4-g128-hqq": Int4("int4-g128-hqq", group=128, hqq_iters=20),
@@ -243,6 +244,29 @@ def test_groups_without_a_kernel_are_refused(cls):
 
 def test_auto_keeps_fp8_checkpoints_fp8_and_others_at_the_compute_dtype():
     assert expert_format("auto", torch.float8_e4m3fn, torch.float32) is FORMATS["fp8"]
-    assert expert_format("auto", torch.bfloat16, torch.bfloat16) is FORMATS["bf16"]
+    assert expert_format("auto", torch.bfloat16, torch.bfloat16, "cuda") is FORMATS["bf16"]
+    assert expert_format("auto", torch.bfloat16, torch.bfloat16, "cpu") is CPU_FORMATS["bf16"]  # output-major
     assert expert_format("auto", torch.bfloat16, torch.float32) is FORMATS["f32"]  # never converted per call
     assert expert_format("int4", torch.bfloat16, torch.float32) is FORMATS["int4"]
+
+
+def test_16_bit_experts_on_the_cpu_are_stored_output_major():
+    """The same bytes per expert as the checkpoint's orientation, multiplied by F.linear, equal to it
+    within the dtype's rounding; on another device the checkpoint's own orientation (raw reads)."""
+    for name, dtype in (("bf16", torch.bfloat16), ("f16", torch.float16)):
+        cpu, other = expert_format(name, dtype, dtype, "cpu"), expert_format(name, dtype, dtype, "cuda")
+        assert cpu is CPU_FORMATS[name] and other is FORMATS[name] and cpu.signature != other.signature
+        assert cpu.raw_dtype is None and other.raw_dtype == dtype
+        d, f = 128, 192
+        assert cpu.nbytes(d, f) == other.nbytes(d, f)
+        g = torch.Generator().manual_seed(5)
+        w = ExpertWeights(torch.randn(d, 2 * f, generator=g).to(dtype), torch.randn(f, d, generator=g).to(dtype))
+        bufs = [torch.empty(fmt.nbytes(d, f), dtype=torch.uint8) for fmt in (cpu, other)]
+        cpu.pack(w, bufs[0])
+        other.pack(w, bufs[1])
+        for a, b in zip(cpu.dequantize(bufs[0], d, f), other.dequantize(bufs[1], d, f)):
+            assert torch.equal(a, b)
+        x = torch.randn(3, d, generator=g).to(dtype)
+        y0, y1 = cpu.expert(bufs[0], d, f)(x).float(), other.expert(bufs[1], d, f)(x).float()
+        assert torch.allclose(y0, y1, rtol=2e-2, atol=2e-2)
+    assert expert_format("auto", torch.bfloat16, torch.float32, "cpu") is FORMATS["f32"]  # the CPU default: unchanged
