@@ -194,7 +194,7 @@ class LLM:
                                          patches_per_tile=self.vision.config.tokens_per_tile)
         return ids, encoded
 
-    def _image_rows(self, ids: list[int], images: list[EncodedImage]) -> torch.Tensor | None:
+    def image_rows(self, ids: list[int], images: list[EncodedImage]) -> torch.Tensor | None:
         """The embeddings of every <|patch|> token of ids, in order; each image's layout checked first."""
         if not images:
             return None
@@ -217,7 +217,7 @@ class LLM:
 
     def _fresh_logits(self, ids, step: int, images=()) -> torch.Tensor:
         ids = self._ids(ids)
-        rows = self._image_rows(ids.tolist(), list(images))
+        rows = self.image_rows(ids.tolist(), list(images))
         seq = self.new_sequence()
         try:
             return self.generator.forward(ids, seq.cache, step, images=rows).cpu()
@@ -238,7 +238,7 @@ class LLM:
             raise ContextFull(len(prompt_ids), self.ctx_size)
         prompt_ids = self._ids(prompt_ids).tolist()
         images = list(images)
-        self._image_rows(prompt_ids, images)  # checked before the conversation changes
+        self.image_rows(prompt_ids, images)  # checked before the conversation changes
         seq = self.conversation
         if seq is None or seq.reusable(prompt_ids, images) == 0:
             seq = self.conversation = self.new_sequence()

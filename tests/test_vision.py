@@ -831,3 +831,45 @@ def test_text_parts_for_a_text_only_template_are_joined(embedded):
         embedded.generate([{"role": "user", "content": [{"type": "image", "path": "x.png"}]}])
     with pytest.raises(MoestreamError, match=r'message 0 part 1 is not \{"type": "text", "text": TEXT\} or an image part'):
         embedded.generate([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "audio"}]}])
+
+
+def test_the_server_takes_inline_images_and_answers_as_llm_generate(multimodal):
+    """`moestream serve` reads OpenAI's image_url parts (data: URLs) and base64 image parts; the greedy
+    reply equals llm.generate on the same chat; an image path, a web URL or bytes that are no image are
+    each a 400, and the server lives on."""
+    import base64
+
+    import openai
+
+    from moestream import load
+
+    from .test_serve import Served
+
+    path, _ = multimodal("scout")
+    shots = pictures(path, 2)
+    chat = chat_of(shots)
+    local = load(path, threads=1)
+    try:
+        want = local.generate(chat, max_tokens=8, temperature=0, ignore_eos=True)
+    finally:
+        local.close()
+    data = {str(p): base64.b64encode(p.read_bytes()).decode() for p in shots}
+    inline = {
+        "image_url": lambda p: {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data[p['path']]}"}},
+        "image": lambda p: {"type": "image", "data": data[p["path"]]},
+    }
+    served = Served("-m", str(path), "-t", "1", "--temp", "0", "-ub", "16")  # image rows across micro-batches
+    try:
+        client = served.client(key="none")
+        for form, part_of in inline.items():
+            content = [p if p["type"] == "text" else part_of(p) for p in chat[1]["content"]]
+            r = client.chat.completions.create(model="m", messages=[chat[0], {"role": "user", "content": content}],
+                                               max_tokens=8, extra_body={"ignore_eos": True})
+            assert r.choices[0].message.content == want, form
+        for bad in ({"type": "image", "path": str(shots[0])}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+                    {"type": "image", "data": base64.b64encode(b"not an image").decode()}):
+            with pytest.raises(openai.BadRequestError):
+                client.chat.completions.create(model="m", messages=[{"role": "user", "content": [bad]}], max_tokens=2)
+        assert served.get("/health").json() == {"status": "ok"}
+    finally:
+        assert served.stop() == 0, "".join(served.lines)

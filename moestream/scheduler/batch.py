@@ -50,11 +50,13 @@ class Request:
     stop_ids: set[int]
     on_token: Callable[[int], None]
     on_done: Callable[[str, BaseException | None], None]
+    images: torch.Tensor | None = None  # embeddings [P, D] of the prompt's P <|patch|> tokens, in order
     cancelled: bool = False
     # the worker's own state
     seq: Sequence | None = None
     slot: int = -1
     fed: int = 0  # prompt tokens prefilled so far
+    image_rows: int = 0  # image embedding rows prefilled so far
     budget: int = 0  # tokens it may sample: max_tokens, or what the context leaves
     generated: int = 0
     pending: int | None = None  # the sampled token the next decode step feeds
@@ -220,8 +222,12 @@ class Batcher:
 
     def _prefill(self, r: Request) -> None:
         chunk = r.prompt[r.fed:r.fed + self.generator.ubatch]
+        rows = None
+        if r.images is not None:  # this micro-batch's own <|patch|> rows, as Generator.forward gives them
+            k = chunk.count(self.generator.model.image_token_id)
+            rows, r.image_rows = (r.images[r.image_rows:r.image_rows + k] if k else None), r.image_rows + k
         try:
-            logits = self.generator.step(r.seq, chunk)
+            logits = self.generator.step(r.seq, chunk, rows)
         except Exception as e:
             self._finish(r, "error", e)
             return

@@ -1,6 +1,6 @@
 """The OpenAI-compatible server: HTTP in, the batcher's tokens out as text.
 
-    POST /v1/chat/completions   messages rendered with the checkpoint's own chat template
+    POST /v1/chat/completions   messages rendered with the checkpoint's own chat template (images inline)
     POST /v1/completions        a prompt (text or token ids) completed as is
     GET  /v1/models             the one model served
     GET  /health                {"status": "ok"} while the batch worker runs (never behind the key)
@@ -180,12 +180,15 @@ def stop_strings(body: dict) -> list[str]:
     return [s for s in v if s]
 
 
-def chat_messages(body: dict) -> list[dict]:
-    """messages as the chat template takes them: role and text content (text parts joined)."""
+def chat_messages(body: dict) -> tuple[list[dict], int]:
+    """messages as the chat template takes them (text parts joined; with images, the parts kept in
+    order), and how many images they carry. An image comes as OpenAI sends one, an image_url part
+    with a data: URL, or {"type": "image", "data": BASE64}: the server fetches no URL and reads no
+    file of its own disk for a client."""
     messages = get(body, "messages", "array")
     if not messages:
         raise ApiError(400, "'messages' must be a non-empty array of {role, content} objects", param="messages")
-    out = []
+    out, n_images = [], 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -194,19 +197,37 @@ def chat_messages(body: dict) -> list[dict]:
         if role not in ROLES:
             raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, not {_shown(role)}", param="messages")
         if isinstance(content, list):
-            texts = []
-            for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise ApiError(400, f"'{where}.content' parts must be text parts ({{\"type\": \"text\", "
-                                        "\"text\": ...}): this server reads text only (images: moestream chat /image, or llm.generate)", param="messages")
-                texts.append(part["text"])
-            content = "\n".join(texts)
+            parts = [_content_part(part, f"{where}.content[{j}]") for j, part in enumerate(content)]
+            images = sum(part["type"] != "text" for part in parts)
+            n_images += images
+            content = parts if images else "\n".join(part["text"] for part in parts)
         elif content is None:
             content = ""
         elif not isinstance(content, str):
-            raise ApiError(400, f"'{where}.content' must be a string or an array of text parts", param="messages")
+            raise ApiError(400, f"'{where}.content' must be a string or an array of text and image parts", param="messages")
         out.append({"role": "system" if role == "developer" else role, "content": content})
-    return out
+    return out, n_images
+
+
+def _content_part(part, where: str) -> dict:
+    """One content part, checked: text, or an image given inline (a data: URL or base64 data)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return part
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else None
+        if isinstance(url, str) and url.startswith("data:"):
+            return {"type": "image_url", "image_url": {"url": url}}
+        raise ApiError(400, f"'{where}.image_url.url' must be a data: URL (data:image/png;base64,...): this server "
+                            "fetches no URL", param="messages")
+    if kind == "image" and isinstance(part.get("data"), str):
+        return {"type": "image", "data": part["data"]}
+    if kind == "image":
+        raise ApiError(400, f"'{where}' must carry its image as base64 'data' (or send an image_url part with a "
+                            "data: URL): this server reads no file of its own disk for a client", param="messages")
+    raise ApiError(400, f"'{where}' must be a text part ({{\"type\": \"text\", \"text\": ...}}) or an image part "
+                        "({\"type\": \"image_url\", \"image_url\": {\"url\": \"data:...\"}})", param="messages")
 
 
 def completion_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
@@ -234,7 +255,7 @@ class Reply:
     finish reason and the token count."""
 
     def __init__(self, batcher: Batcher, tokenizer, prompt: list[int], params: SamplingParams, stop_ids: set[int],
-                 stops: list[str]):
+                 stops: list[str], images=None):
         self.batcher, self.stops = batcher, stops
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
@@ -242,7 +263,7 @@ class Reply:
         self.held = ""  # decoded text not sent yet: it may be the start of a stop string
         self.prompt_tokens, self.completion_tokens = len(prompt), 0
         self.finish_reason: str | None = None
-        self.request = Request(prompt, params, stop_ids, self._on_token, self._on_done)
+        self.request = Request(prompt, params, stop_ids, self._on_token, self._on_done, images)
         batcher.submit(self.request)  # QueueFull when there is no room
 
     # called on the batcher's thread: hand over, nothing more
@@ -346,8 +367,19 @@ class Server:
     async def chat(self, http: HTTPRequest):
         body = await read_json(http)
         params, stops = sampling(body, self.defaults, chat=True), stop_strings(body)
-        ids = await run_in_threadpool(self.llm.tokenizer.encode_chat, chat_messages(body))  # long text: off the loop
-        return await self.answer(http, body, ids, params, stops, chat=True)
+        messages, n_images = chat_messages(body)
+        if not n_images:
+            ids = await run_in_threadpool(self.llm.tokenizer.encode_chat, messages)  # long text: off the loop
+            return await self.answer(http, body, ids, params, stops, chat=True)
+        # the vision tower is torch work: on the batcher's thread, between steps (one OpenMP team)
+        ids, rows = await asyncio.wrap_future(self.batcher.call(lambda: self.encode_with_images(messages)))
+        return await self.answer(http, body, ids, params, stops, chat=True, images=rows)
+
+    def encode_with_images(self, messages: list[dict]):
+        """(token ids, the embeddings of their <|patch|> tokens) of a chat with images, each image through
+        the tower once; bad images and a text-only model are one MoestreamError line (a 400)."""
+        ids, encoded = self.llm.encode_chat(messages)
+        return ids, self.llm.image_rows(ids, encoded)
 
     async def completions(self, http: HTTPRequest):
         body = await read_json(http)
@@ -370,7 +402,7 @@ class Server:
 
     # --- one reply ---------------------------------------------------------------------------------
     async def answer(self, http: HTTPRequest, body: dict, ids: list[int], params: SamplingParams, stops: list[str],
-                     chat: bool):
+                     chat: bool, images=None):
         stream = get(body, "stream", "boolean") or False
         options = get(body, "stream_options", "object") or {}
         include_usage = get(options, "include_usage", "boolean") or False
@@ -381,7 +413,7 @@ class Server:
                                 f"shorten the {where}", param=where, code="context_length_exceeded")
         stop_ids = set() if params.ignore_eos else self.llm.stop_ids
         try:
-            reply = Reply(self.batcher, self.llm.tokenizer, ids, params, stop_ids, stops)
+            reply = Reply(self.batcher, self.llm.tokenizer, ids, params, stop_ids, stops, images)
         except QueueFull as e:
             raise ApiError(503, f"the server is busy: {e}", kind="server_error", code="server_busy",
                            headers={"Retry-After": "1"}) from None
