@@ -514,11 +514,9 @@ def worker(spec: dict) -> None:
     load_s = time.perf_counter() - t0
     # ResidentExperts reads (and packs: int8 / int4 quantize) each expert the first time a token routes to
     # it; place them all now, so no timed test pays for that (llama.cpp's weights are mmapped, ready)
-    t0, source, c = time.perf_counter(), llm.experts, llm.config
-    if type(source).__name__ == "ResidentExperts":
-        for layer in c.moe_layers:
-            for e in range(c.num_local_experts):
-                source.get(layer, e)
+    t0, source = time.perf_counter(), llm.experts
+    if hasattr(source, "place_all"):  # as `moestream bench` does
+        source.place_all()
     else:
         print(f"note: experts are offloaded ({type(source).__name__}), not all resident: timings include moving them")
     res = {"load_s": load_s, "place_experts_s": time.perf_counter() - t0, "dtype": str(llm.dtype).removeprefix("torch."),

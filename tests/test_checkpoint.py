@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import moestream
 from moestream import MoestreamError
@@ -19,6 +20,15 @@ def test_loading_reads_no_expert(tiny):
     llm = moestream.load(tiny("scout")[0])
     assert llm.checkpoint.expert_reads == 0
     assert llm.stats().experts.resident == 0
+
+
+def test_a_benchmark_places_every_expert_first_and_the_logits_do_not_change(tiny):
+    lazy, placed = moestream.load(tiny("maverick")[0]), moestream.load(tiny("maverick")[0])
+    placed.experts.place_all()  # what `moestream bench` does before it times anything
+    n = len(placed.config.moe_layers) * placed.config.num_local_experts
+    assert placed.checkpoint.expert_reads == placed.stats().experts.resident == n
+    assert torch.equal(placed.logits([5, 9, 2]), lazy.logits([5, 9, 2]))
+    assert placed.checkpoint.expert_reads == n  # nothing read again
 
 
 def test_one_token_reads_only_the_chosen_experts(tiny):

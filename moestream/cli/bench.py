@@ -134,6 +134,8 @@ def bench(ctx, n_prompt, n_gen, pg, n_depth, repetitions, output, synthetic, lay
             values["ctx_size"] = str(longest)
             runtime = RuntimeConfig.build(**values)
         llm = register(LLM(runtime, checkpoint=checkpoint))
+        if hasattr(llm.experts, "place_all"):  # every expert resident: placed before any timing, as llama-bench's model is
+            llm.experts.place_all()
         facts = model_facts(llm)
         for (kind, n_p, n_g), depth in itertools.product(tests, depths):
             name = {"pp": f"pp{n_p}", "tg": f"tg{n_g}", "pp+tg": f"pp{n_p}+tg{n_g}"}[kind] + (f" @ d{depth}" if depth else "")

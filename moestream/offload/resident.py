@@ -24,8 +24,18 @@ class ResidentExperts:
         """Nothing to plan when every expert is resident: compute in the router's order."""
         return wanted
 
+    def place_all(self) -> None:
+        """Read (and pack) every expert now: what a benchmark does first, so that no timed token pays
+        for an expert's first use (an int4 Scout expert packs in seconds)."""
+        for layer in self.checkpoint.config.moe_layers:
+            for e in range(self.checkpoint.config.num_local_experts):
+                self._load(layer, e)
+
     def get(self, layer: int, e: int) -> Expert:
         self.gets += 1
+        return self._load(layer, e)
+
+    def _load(self, layer: int, e: int) -> Expert:
         expert = self.loaded.get((layer, e))
         if expert is None:
             buffer = torch.empty(self.fmt.nbytes(self.hidden, self.inter), dtype=torch.uint8)
