@@ -20,47 +20,39 @@ import torch.nn.functional as F
 
 import moestream
 from moestream.data.shakespeare import held_out_ids
+from moestream.model.formats import FORMATS as FORMATS_BY_NAME
 
 FORMATS = ("bf16", "fp8", "int8", "int4", "int2")
 
 
-def perplexity(llm, ids: torch.Tensor, window: int = 512) -> float:
+def perplexity(logits_of, ids: torch.Tensor, window: int = 512) -> float:
+    """exp of the mean next-token loss, each window of `ids` scored by logits_of (llm.logits: the
+    window at once; llm.decode_logits: one token at a time through the KV cache, the steps miss
+    replicas act on)."""
     total, count = 0.0, 0
     for i in range(0, ids.numel(), window):
         chunk = ids[i:i + window]
         if chunk.numel() < 2:
             break
-        total += F.cross_entropy(llm.logits(chunk)[:-1], chunk[1:], reduction="sum").item()
+        total += F.cross_entropy(logits_of(chunk)[:-1], chunk[1:], reduction="sum").item()
         count += chunk.numel() - 1
     return math.exp(total / count)
 
 
-def decode_perplexity(llm, ids: torch.Tensor, window: int = 512) -> float:
-    """As perplexity, but one token at a time through the KV cache: the steps miss replicas act on."""
-    total, count = 0.0, 0
-    for i in range(0, ids.numel(), window):
-        chunk = ids[i:i + window]
-        if chunk.numel() < 2:
-            break
-        total += F.cross_entropy(llm.decode_logits(chunk)[:-1], chunk[1:], reduction="sum").item()
-        count += chunk.numel() - 1
-    return math.exp(total / count)
-
-
-def miss_rows(ids: torch.Tensor, names: list[str]) -> None:
-    """--miss-dtype: a 25% expert cache (32 of 128), decoded token by token, every miss from the replica."""
-    probe = moestream.load()
-    slots = probe.plan.n_experts // 4
-    cache = str(slots * probe.plan.expert_bytes)
-    probe.close()
-    print(f"\nmiss replicas: {slots} of 128 experts cached, decoded one token at a time ({ids.numel()} tokens), "
+def miss_rows(base, ids: torch.Tensor, names: list[str]) -> None:
+    """--miss-dtype: a 25% expert cache, decoded token by token, every miss from the replica (experts
+    at the default dtype, float32 on the CPU: the cache is sized from the base model's shapes)."""
+    c = base.config
+    slots = base.plan.n_experts // 4
+    cache = str(slots * FORMATS_BY_NAME["f32"].nbytes(c.hidden_size, c.intermediate_size))
+    print(f"\nmiss replicas: {slots} of {base.plan.n_experts} experts cached, decoded one token at a time ({ids.numel()} tokens), "
           "every decoded miss run from the replica")
     print("| --miss-dtype | decode perplexity | vs off | misses run from the replica | expert bytes host->device per token | replica RAM |")
     print("|---|---|---|---|---|---|")
     ref = None
     for name in ["off", *names]:
         llm = moestream.load(expert_cache=cache, miss_dtype=name, cpu_experts="never")
-        ppl = decode_perplexity(llm, ids)
+        ppl = perplexity(llm.decode_logits, ids)
         ref = ppl if ref is None else ref
         e = llm.stats().experts
         print(f"| {name} | {ppl:.4f} | {100 * (ppl / ref - 1):+.2f}% | {e.replica_runs / max(e.misses, 1):.0%} | "
@@ -80,7 +72,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = moestream.load(expert_dtype="bf16")
     ids = torch.tensor(held_out_ids(base.tokenizer, args.tokens))
-    ref = perplexity(base, ids)
+    ref = perplexity(base.logits, ids)
     print(f"embedded model, {ids.numel()} held-out tokens, windows of 512, CPU float32 activations")
     print("| experts | bytes per expert | vs bf16 | held-out perplexity | vs bf16 |")
     print("|---|---|---|---|---|")
@@ -89,12 +81,12 @@ def main() -> None:
     for name, resident in rows:
         same = name == "bf16" and resident == "auto"
         llm = base if same else moestream.load(expert_dtype=name, resident_dtype=resident)
-        ppl = ref if same else perplexity(llm, ids)
+        ppl = ref if same else perplexity(llm.logits, ids)
         eb = llm.plan.expert_bytes
         label = name + (" + resident int8" if resident == "int8" else "")
         print(f"| {label} | {eb} | {eb / bf16_bytes:.3f} | {ppl:.4f} | {100 * (ppl / ref - 1):+.2f}% |")
     if args.miss:
-        miss_rows(ids[:args.miss_tokens], args.miss.split(","))
+        miss_rows(base, ids[:args.miss_tokens], args.miss.split(","))
 
 
 if __name__ == "__main__":
