@@ -133,60 +133,42 @@ class ExpertFormat:
 
 class Plain(ExpertFormat):
     """Unquantized: the matrices in one float dtype, back to back. Computed in the activations' dtype
-    (f32 activations over bf16 weights upcast the weights, exactly)."""
+    (f32 activations over bf16 weights upcast the weights, exactly).
 
-    def __init__(self, name: str, dtype: torch.dtype):
-        self.name, self.dtype, self.raw_dtype = name, dtype, dtype
+    As the checkpoint has them (x@W, [K, N]), a fused checkpoint's slices of this dtype are read
+    straight into the two parts (raw reads). out_major stores each matrix as W^T [N, K] (nn.Linear's
+    orientation) and multiplies by F.linear instead: what 16-bit experts use on the CPU, where torch's
+    bf16 matmul reads a [K, N] matrix at 9.1 GB/s and the same matrix output-major at 16 (Scout's
+    gate_up, one token, 2 threads); those buffers are packed (transposed), never read raw."""
+
+    def __init__(self, name: str, dtype: torch.dtype, out_major: bool = False):
+        self.name, self.dtype, self.out_major = name, dtype, out_major
+        self.raw_dtype = None if out_major else dtype
+
+    @property
+    def signature(self) -> str:
+        return f"{self.name}/out-major" if self.out_major else self.name
 
     def layout(self, hidden: int, inter: int) -> Layout:
-        # a fused checkpoint's slices of this dtype are read straight into these two parts (raw reads)
+        if self.out_major:
+            return Layout([("gate_up", (2 * inter, hidden), self.dtype), ("down", (hidden, inter), self.dtype)])
         return Layout([("gate_up", (hidden, 2 * inter), self.dtype), ("down", (inter, hidden), self.dtype)])
 
     def pack(self, weights: ExpertWeights, out: torch.Tensor) -> None:
         gate_up, down = (weights.gate_up, weights.down) if weights.gate_up_scale is None else weights.dequantized()
         parts = self.layout(down.shape[1], down.shape[0]).views(out)
-        parts["gate_up"].copy_(gate_up)
-        parts["down"].copy_(down)
+        parts["gate_up"].copy_(gate_up.t() if self.out_major else gate_up)
+        parts["down"].copy_(down.t() if self.out_major else down)
 
     def matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         w = parts[which]
-        return x @ (w if w.dtype == x.dtype else w.to(x.dtype))
+        w = w if w.dtype == x.dtype else w.to(x.dtype)
+        return F.linear(x, w) if self.out_major else x @ w
 
     def dequantize(self, buffer: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts = self.layout(hidden, inter).views(buffer)
-        return parts["gate_up"].float(), parts["down"].float()
-
-
-class OutMajorPlain(Plain):
-    """Plain, each matrix stored output-major (W^T [N, K], nn.Linear's orientation) and multiplied by
-    F.linear: what 16-bit experts use on the CPU, where torch's bf16 matmul reads a [K, N] matrix at
-    9.1 GB/s and the same matrix output-major at 16 (Scout's gate_up, one token, 2 threads). The
-    checkpoint's fused slices are [K, N], so a buffer is packed (transposed) rather than read raw."""
-
-    def __init__(self, name: str, dtype: torch.dtype):
-        super().__init__(name, dtype)
-        self.raw_dtype = None  # never read straight into the buffer: the bytes are transposed
-
-    @property
-    def signature(self) -> str:
-        return f"{self.name}/out-major"
-
-    def layout(self, hidden: int, inter: int) -> Layout:
-        return Layout([("gate_up", (2 * inter, hidden), self.dtype), ("down", (hidden, inter), self.dtype)])
-
-    def pack(self, weights: ExpertWeights, out: torch.Tensor) -> None:
-        gate_up, down = (weights.gate_up, weights.down) if weights.gate_up_scale is None else weights.dequantized()
-        parts = self.layout(down.shape[1], down.shape[0]).views(out)
-        parts["gate_up"].copy_(gate_up.t())
-        parts["down"].copy_(down.t())
-
-    def matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        w = parts[which]
-        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
-
-    def dequantize(self, buffer: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = self.layout(hidden, inter).views(buffer)
-        return parts["gate_up"].float().t(), parts["down"].float().t()
+        gate_up, down = parts["gate_up"].float(), parts["down"].float()
+        return (gate_up.t(), down.t()) if self.out_major else (gate_up, down)
 
 
 # --- quantized formats ---------------------------------------------------------------------------
@@ -677,7 +659,7 @@ FORMATS: dict[str, ExpertFormat] = {
     "fp8": Fp8(),
 }
 PLAIN_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-CPU_FORMATS = {"bf16": OutMajorPlain("bf16", torch.bfloat16), "f16": OutMajorPlain("f16", torch.float16)}
+CPU_FORMATS = {"bf16": Plain("bf16", torch.bfloat16, out_major=True), "f16": Plain("f16", torch.float16, out_major=True)}
 
 
 def expert_format(name: str, checkpoint_dtype: torch.dtype, compute_dtype: torch.dtype,
@@ -686,7 +668,7 @@ def expert_format(name: str, checkpoint_dtype: torch.dtype, compute_dtype: torch
     experts stay fp8; an unquantized one's are kept at the compute dtype, like the resident weights (a bf16
     checkpoint computed in float32 on a CPU stores float32 experts: a plain expert in another dtype than
     its activations would be converted whole at every call). 16-bit experts computed on the CPU are
-    stored output-major (OutMajorPlain); elsewhere as the checkpoint has them, so they read raw."""
+    stored output-major (Plain's out_major); elsewhere as the checkpoint has them, so they read raw."""
     if name == "auto":
         name = "fp8" if checkpoint_dtype == torch.float8_e4m3fn else PLAIN_NAMES[compute_dtype]
     if torch.device(device).type == "cpu" and name in CPU_FORMATS:
