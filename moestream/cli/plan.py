@@ -19,7 +19,7 @@ from ..errors import MoestreamError
 from ..model.config import ModelConfig, misused_model_path
 from ..model.presets import HF_IDS, PRESETS
 from ..units import fmt_bytes, fmt_in, fmt_size, is_binary, positive_number
-from ..scheduler.plan import default_cpu_mem, default_gpu_mem, kv_token_bytes, largest_context, make_plan
+from ..scheduler.plan import default_cpu_mem, default_gpu_mem, kv_token_bytes, largest_context, make_plan, resident_bytes
 from .app import cli, runtime_options
 
 DEFAULT_GPU = 80 * 2**30  # one H100 when --gpu-mem is not given and no GPU is visible
@@ -117,8 +117,6 @@ def plan(preset, link_gbps, disk_gbps, as_json, runtime):
         advice.append(f"more --gpu-mem: the resident weights and workspace alone need {fmt_in(need, gpu_binary, up=True)}"
                       + ("" if one_node else ", or several GPUs (below)"))
         if runtime.resident_dtype != "int8":
-            from ..scheduler.plan import resident_bytes
-
             itemsize = torch.empty((), dtype=dtype).element_size()
             smaller = resident_bytes(config, itemsize, "int8") + p.workspace_bytes
             advice.append(f"--resident-dtype int8 needs {fmt_in(smaller, gpu_binary, up=True)} for them"

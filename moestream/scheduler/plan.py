@@ -39,8 +39,9 @@ def resident_bytes(c: ModelConfig, itemsize: int, resident_dtype: str = "auto") 
     def matrix(n: int, k: int) -> int:
         return n * k + 2 * n if int8 else n * k * itemsize
 
-    n = (c.vocab_size * D * (1 if c.tie_word_embeddings and not int8 else 2 - int8) + D) * itemsize
-    n += matrix(c.vocab_size, D) if int8 else 0
+    # the embedding table and the final norm; the lm_head is the table itself when tied, except in int8
+    head = matrix(c.vocab_size, D) if int8 or not c.tie_word_embeddings else 0
+    n = (c.vocab_size * D + D) * itemsize + head
     for i in range(c.num_hidden_layers):
         n += matrix(q + 2 * kv, D) + matrix(D, q) + 2 * D * itemsize
         F = c.intermediate_size if c.is_moe(i) else c.intermediate_size_mlp
