@@ -49,7 +49,8 @@ def build_experts(checkpoint, settings, fmt: ExpertFormat, *, resident: bool, sl
                                 settings.prefetch)
     replicas = None
     if settings.miss_dtype != "off" and gpu_layers:  # every expert that can miss, in host RAM, packed once into a file
-        replicas = ExpertStore(checkpoint, [k for k in keys if k[0] not in cpu_layers], len(keys), FORMATS[settings.miss_dtype],
+        missable = [k for k in keys if k[0] not in cpu_layers]
+        replicas = ExpertStore(checkpoint, missable, len(missable), FORMATS[settings.miss_dtype],
                                pin=False, expert_dir=settings.expert_dir, repack=settings.repack, role="miss")
     cost = None
     if settings.cpu_experts == "auto" and cache.slots > 0 and store.host_keys:

@@ -109,9 +109,7 @@ class OffloadedExperts:
                 else:
                     self.on_cpu[e] = self._run_on_cpu(key)
                 continue
-            self._fetch(key, slot)
-            c.fetches += 1
-            self.cache.policy.touch(key)
+            self._demand_fetch(key, slot)
             self.slot_for[e] = slot
         if self.prefetcher is not None and tokens == 1:
             self._prefetch(layer, h, protect)
@@ -125,9 +123,7 @@ class OffloadedExperts:
             return self.on_cpu[e]
         if e in self.deferred:  # the experts already computed this step may give up their slots now
             self.slot_for[e] = self._claim(key, self.not_yet_computed | {key})
-            self._fetch(key, self.slot_for[e])
-            self.counters.fetches += 1
-            self.cache.policy.touch(key)
+            self._demand_fetch(key, self.slot_for[e])
         ticket = self.inflight.pop(key, None)
         if ticket is not None:
             self.counters.stall_seconds += self._wait(key, ticket)
@@ -162,6 +158,12 @@ class OffloadedExperts:
             self.cache.release(key)
             raise
 
+    def _demand_fetch(self, key, slot: int) -> None:
+        """Start a wanted expert's copy into its slot, counted, and tell the policy it was used."""
+        self._fetch(key, slot)
+        self.counters.fetches += 1
+        self.cache.policy.touch(key)
+
     def _wait(self, key, ticket: Ticket) -> float:
         """Wait for a copy into key's slot. One that failed (a corrupt expert file) leaves the slot
         empty, so the cache never hands out a half-read expert, even if the caller carries on."""
@@ -177,9 +179,7 @@ class OffloadedExperts:
         self.counters.replica_runs += 1
         slot = self._claim(key, protect)
         if slot is not None:
-            self._fetch(key, slot)
-            self.counters.fetches += 1
-            self.cache.policy.touch(key)
+            self._demand_fetch(key, slot)
         return CPUExpert(self.replicas.host_expert(key), self.counters)
 
     def _run_on_cpu(self, key) -> CPUExpert:
