@@ -3,8 +3,8 @@
     python benchmarks/quality_formats.py [--tokens 8192]
 
 Every routed expert is stored and multiplied in the format (quantized once, when placed); attention,
-routers and the shared experts stay as they are, except in the last rows (`--resident-dtype int8`:
-the attention, shared-expert and lm_head matrices in int8 too). The held-out text is the last 10% of the
+routers and the shared experts stay as they are, except in the last rows (`--resident-dtype int8` /
+`int4`: the attention, shared-expert and lm_head matrices in int8 / int4 too). The held-out text is the last 10% of the
 conversations the model never trained on (moestream/data/shakespeare.py), scored in windows of 512
 tokens, each predicting its own next tokens. Also prints host bytes per expert, so quality can be
 read next to what each format saves. Deterministic (no sampling): the figures repeat exactly.
@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--miss", default="int4,int2", help="miss-replica formats to score (decoded, 25%% cache)")
     ap.add_argument("--miss-tokens", type=int, default=2048)
     ap.add_argument("--resident-int8", default="bf16,int4", help="expert formats to score again with --resident-dtype int8")
+    ap.add_argument("--resident-int4", default="int4", help="expert formats to score again with --resident-dtype int4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = moestream.load(expert_dtype="bf16")
@@ -77,13 +78,15 @@ def main() -> None:
     print("| experts | bytes per expert | vs bf16 | held-out perplexity | vs bf16 |")
     print("|---|---|---|---|---|")
     bf16_bytes = base.plan.expert_bytes
-    rows = [(name, "auto") for name in args.formats.split(",")] + [(name, "int8") for name in args.resident_int8.split(",") if name]
+    rows = [(name, "auto") for name in args.formats.split(",")] + [
+        (name, resident) for resident, names in (("int8", args.resident_int8), ("int4", args.resident_int4))
+        for name in names.split(",") if name]
     for name, resident in rows:
         same = name == "bf16" and resident == "auto"
         llm = base if same else moestream.load(expert_dtype=name, resident_dtype=resident)
         ppl = ref if same else perplexity(llm.logits, ids)
         eb = llm.plan.expert_bytes
-        label = name + (" + resident int8" if resident == "int8" else "")
+        label = name + (f" + resident {resident}" if resident != "auto" else "")
         print(f"| {label} | {eb} | {eb / bf16_bytes:.3f} | {ppl:.4f} | {100 * (ppl / ref - 1):+.2f}% |")
     if args.miss:
         miss_rows(base, ids[:args.miss_tokens], args.miss.split(","))

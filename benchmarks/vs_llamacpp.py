@@ -16,7 +16,8 @@ repetitions), and their ratio, at each --threads count, on
             [E, D, 2F] and down_proj [E, F, D]; the embedded model's tokenizer, vocab 4096 unless
             --vocab), converted to GGUF BF16 and quantized by llama-quantize to Q8_0 and Q4_0,
             against moestream in bfloat16 with --expert-dtype bf16, int8 and int4 (and with
-            --resident-dtype int8, the rest int8 too, as Q8_0 / Q4_0 quantize it). Also printed:
+            --resident-dtype int8 / int4 / matched, the rest quantized too, as Q8_0 / Q4_0 quantize
+            it). Also printed:
             the weight bytes one decode token reads in each engine, the achieved weight GB/s
             (bytes per token x tg tok/s) and this machine's memory read bandwidth, measured in the
             same run (the sum of a 1 GiB buffer, torch, at each thread count).
@@ -37,7 +38,8 @@ Rerun (on an idle machine):
 
     python benchmarks/vs_llamacpp.py                    # both models, -p 512 -n 128 -r 5, 1 and 2 threads
     python benchmarks/vs_llamacpp.py --only embedded --threads 2
-    python benchmarks/vs_llamacpp.py --only scout --layers 2 -p 64 -n 32 -r 3 --resident-dtype int8
+    python benchmarks/vs_llamacpp.py --only scout --layers 2 -p 64 -n 32 -r 3 --resident-dtype matched
+    python benchmarks/vs_llamacpp.py --only scout --formats BF16 --threads 2    # one format
     python benchmarks/vs_llamacpp.py --llama-cpp ~/src/llama.cpp   # an existing llama.cpp build
 
 Output ends with markdown tables (to paste into the README) and the exact commands that were run.
@@ -610,8 +612,10 @@ def compare(lc: LlamaCpp, args, model_name: str, hf_dir: Path, gguf_dir: Path, r
         if how != "convert":
             ggufs[name] = quantize(lc, ggufs[runs[0][0]], how, gguf_dir / f"{stem}-{gtype}.gguf")
     for name, gtype, how, dtype, expert_dtype in runs:
+        if args.formats and name.lower() not in args.formats:
+            continue
         lc_bpt = bytes_of(ggufs[name])
-        resident = args.resident_dtype if how not in ("convert",) else "auto"
+        resident = "auto" if how == "convert" else {"matched": expert_dtype}.get(args.resident_dtype, args.resident_dtype)
         ms_fmt = (f"{dtype}" + (f", experts {expert_dtype}" if expert_dtype != "auto" else "")
                   + (f", resident {resident}" if resident != "auto" else ""))
         say(f"\n== {model_name}: llama.cpp {name} vs moestream {ms_fmt}, threads {args.threads} ==")
@@ -644,15 +648,19 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=None,
                     help="Synthetic Scout vocabulary (default: the embedded tokenizer's 4096, so the layers dominate; "
                          "202048 = Scout's, padded by the converter).")
-    ap.add_argument("--resident-dtype", choices=("auto", "int8"), default="auto",
-                    help="moestream's --resident-dtype for the Q8_0 / Q4_0 rows (int8: attention, shared expert and "
-                         "lm_head int8 too, as llama.cpp's Q8_0 / Q4_0 quantize them). Default auto (bf16).")
+    ap.add_argument("--resident-dtype", choices=("auto", "int8", "int4", "matched"), default="auto",
+                    help="moestream's --resident-dtype for the Q8_0 / Q4_0 rows: int8 / int4 (attention, shared expert "
+                         "and lm_head quantized too, as llama.cpp's Q8_0 / Q4_0 quantize them), or matched (int8 "
+                         "beside Q8_0, int4 beside Q4_0). Default auto (bf16).")
+    ap.add_argument("--formats", default=None,
+                    help="Only these GGUF types of each model, comma list (f32,bf16 / BF16,Q8_0,Q4_0). Default: all.")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one moestream measurement
     args = ap.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
     args.cache = args.cache.expanduser().resolve()
     args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    args.formats = {f.strip().lower() for f in args.formats.split(",") if f.strip()} if args.formats else None
     if any(t < 1 or t > len(os.sched_getaffinity(0)) for t in args.threads):
         raise SystemExit(f"--threads: each count must be 1..{len(os.sched_getaffinity(0))} (the usable CPUs)")
     if args.p < 0 or args.n < 0 or not (args.p or args.n) or args.r < 1 or args.layers < 1:

@@ -184,10 +184,11 @@ class RuntimeConfig:
                               help="Keep a low-bit replica of every offloaded expert in host RAM (HOBBIT-style): a "
                                    "decoded token's cache miss runs from it on the CPU at once while the full expert "
                                    "is fetched for next time. Off by default (it trades exactness for stalls).")
-    resident_dtype: str = setting("auto", "--resident-dtype", choices=("auto", "int8"),
+    resident_dtype: str = setting("auto", "--resident-dtype", choices=("auto", "int8", "int4"),
                                   help="The resident attention, shared-expert, dense-MLP and lm_head matrices: auto = "
                                        "the compute dtype; int8 = per-channel int8, half of bf16's bytes (Maverick with "
-                                       "int4 experts on a 24 GB GPU). Embeddings, norms and routers stay.")
+                                       "int4 experts on a 24 GB GPU); int4 = group-wise 4-bit as the int4 experts, "
+                                       "about a quarter (as llama.cpp's Q4_0). Embeddings, norms and routers stay.")
     cpu_experts: str = setting("auto", "--cpu-experts", choices=("auto", "never", "always"),
                                help="Run a missing expert on the CPU instead of fetching it: auto = measured cost model.")
     cache_policy: str = setting("predictive", "--cache-policy", choices=("lru", "lfu", "predictive"),

@@ -270,3 +270,36 @@ def test_16_bit_experts_on_the_cpu_are_stored_output_major():
         y0, y1 = cpu.expert(bufs[0], d, f)(x).float(), other.expert(bufs[1], d, f)(x).float()
         assert torch.allclose(y0, y1, rtol=2e-2, atol=2e-2)
     assert expert_format("auto", torch.bfloat16, torch.float32, "cpu") is FORMATS["f32"]  # the CPU default: unchanged
+
+
+# --- oneDNN's layout for resident bf16 matrices on the CPU (PackedLinear) -------------------------------
+needs_onednn_bf16 = pytest.mark.skipif(not fm.prepacks(torch.bfloat16, "cpu"), reason="this CPU's oneDNN has no bf16 kernels")
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("n,k", [(384, 128), (128, 192), (1280, 512), (4096, 128)])
+def test_packed_linear_is_f_linear_bit_for_bit(n, k):
+    """Only the layout changes: every token count gives F.linear's bits, so packing changes no number."""
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    m = fm.PackedLinear(w)
+    assert m.nbytes == w.nbytes
+    for rows in (1, 2, 7, 64, 100):
+        x = torch.randn(rows, k, generator=g).bfloat16()
+        assert torch.equal(m(x), F.linear(x, w))
+    x = torch.randn(3, 2 * k, generator=g).bfloat16()[:, ::2]  # a strided view, as a chunk of gate_up is
+    assert torch.equal(m(x), F.linear(x, w)) and m(x[None]).shape == (1, 3, n)
+
+
+@needs_onednn_bf16
+def test_settled_bf16_expert_on_the_cpu_is_packed_and_computes_the_same():
+    fmt, hidden, inter = CPU_FORMATS["bf16"], 128, 192
+    buf = packed(fmt, weights(hidden, inter))
+    expert = fmt.expert(buf, hidden, inter)
+    settled = fmt.settle(expert, torch.bfloat16)
+    assert settled.buffer is None and settled.nbytes == expert.nbytes
+    assert all(isinstance(p, fm.PackedLinear) for p in settled.parts.values())
+    x = torch.randn(5, hidden).bfloat16()
+    assert torch.equal(settled(x), expert(x)) and torch.equal(settled(x[:1]), expert(x[:1]))
+    assert fmt.settle(expert, torch.float32) is expert  # float32 activations: the plain buffer upcasts
+    assert FORMATS["bf16"].settle(expert, torch.bfloat16) is expert  # not output-major: stays as it is

@@ -116,7 +116,7 @@ def plan(preset, link_gbps, disk_gbps, as_json, runtime):
         need = p.resident_bytes + p.workspace_bytes
         advice.append(f"more --gpu-mem: the resident weights and workspace alone need {fmt_in(need, gpu_binary, up=True)}"
                       + ("" if one_node else ", or several GPUs (below)"))
-        if runtime.resident_dtype != "int8":
+        if runtime.resident_dtype == "auto":
             itemsize = torch.empty((), dtype=dtype).element_size()
             smaller = resident_bytes(config, itemsize, "int8") + p.workspace_bytes
             advice.append(f"--resident-dtype int8 needs {fmt_in(smaller, gpu_binary, up=True)} for them"

@@ -78,21 +78,44 @@ class Layout:
 
 class Expert:
     """A callable routed expert over a packed buffer: SwiGLU down(silu(x Wg) * (x Wu)) through the
-    format's matmul. `on_cpu` False: it runs where its buffer is (the compute device)."""
+    format's matmul. `on_cpu` False: it runs where its buffer is (the compute device). buffer None:
+    a resident expert whose parts were re-laid for good (ExpertFormat.settle); nbytes stays the buffer's."""
 
-    __slots__ = ("buffer", "parts", "matmul")
+    __slots__ = ("buffer", "parts", "matmul", "nbytes")
     on_cpu = False
 
-    def __init__(self, buffer: torch.Tensor, parts: dict[str, torch.Tensor], matmul):
+    def __init__(self, buffer: torch.Tensor | None, parts: dict[str, torch.Tensor], matmul, nbytes: int | None = None):
         self.buffer, self.parts, self.matmul = buffer, parts, matmul
+        self.nbytes = buffer.numel() * buffer.element_size() if nbytes is None else nbytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.matmul(x, "gate_up", self.parts).chunk(2, dim=-1)
         return self.matmul(F.silu(gate) * up, "down", self.parts)
 
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
+
+# --- oneDNN's blocked layout for resident bf16 matrices on the CPU --------------------------------------
+def prepacks(dtype: torch.dtype, device) -> bool:
+    """Whether a resident matrix of this dtype on this device is reordered once into oneDNN's blocked
+    layout (PackedLinear): bfloat16 on a CPU whose oneDNN has bf16 kernels (AVX512-BF16 / AMX)."""
+    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class PackedLinear:
+    """A resident bf16 nn.Linear weight [N, K] on the CPU in oneDNN's blocked layout, multiplied by the
+    oneDNN linear that reads it. A one-token GEMV over a Scout-sized matrix then reads 21 GB/s where
+    F.linear reads 15 (2 threads; benchmarks/formats_cpu.py), prefill is no slower, and the result is
+    F.linear's, bit for bit (tested): oneDNN computes both, F.linear from the plain layout. The packed
+    tensor is opaque (no view, no copy elsewhere), so only weights that stay put are packed."""
+
+    __slots__ = ("w", "nbytes")
+
+    def __init__(self, w: torch.Tensor):
+        self.nbytes = w.numel() * w.element_size()  # the same elements, re-laid
+        self.w = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.w, None, "none", [], "")
 
 
 class ExpertFormat:
@@ -123,6 +146,11 @@ class ExpertFormat:
 
     def expert(self, buffer: torch.Tensor, hidden: int, inter: int) -> Expert:
         return Expert(buffer, self.layout(hidden, inter).views(buffer), self.matmul)
+
+    def settle(self, expert: Expert, compute_dtype: torch.dtype) -> Expert:
+        """The expert as it stays for good (every expert resident, never copied again), computed at
+        compute_dtype: a format may re-lay its parts for a faster kernel. By default it stays as it is."""
+        return expert
 
     @property
     def signature(self) -> str:
@@ -160,10 +188,19 @@ class Plain(ExpertFormat):
         parts["gate_up"].copy_(gate_up.t() if self.out_major else gate_up)
         parts["down"].copy_(down.t() if self.out_major else down)
 
-    def matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, which: str, parts: dict) -> torch.Tensor:
         w = parts[which]
+        if isinstance(w, PackedLinear):
+            return w(x)
         w = w if w.dtype == x.dtype else w.to(x.dtype)
         return F.linear(x, w) if self.out_major else x @ w
+
+    def settle(self, expert: Expert, compute_dtype: torch.dtype) -> Expert:
+        """Output-major bf16 computed in bf16 on the CPU: both matrices into oneDNN's layout
+        (PackedLinear), the buffer let go."""
+        if not (self.out_major and compute_dtype == self.dtype and prepacks(self.dtype, expert.buffer.device)):
+            return expert
+        return Expert(None, {k: PackedLinear(w) for k, w in expert.parts.items()}, self.matmul, expert.nbytes)
 
     def dequantize(self, buffer: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts = self.layout(hidden, inter).views(buffer)
@@ -307,6 +344,11 @@ class Int8Linear:
         for n0, n1 in _spans(n, k):
             _int8_rows(w[n0:n1].float(), q[n0:n1], s[n0:n1])
         return cls(q, s)
+
+    @staticmethod
+    def nbytes_for(n: int, k: int) -> int:
+        """Bytes of an [N, K] matrix in this storage (the planner's count)."""
+        return n * k + 2 * n
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.q.device.type == "cpu":
@@ -477,24 +519,67 @@ class Int4(_Quantized):
     def pack(self, weights: ExpertWeights, out: torch.Tensor) -> None:
         layout = self.layout(*_dims(weights))
         _check_out(out, layout.nbytes)
-        _int4_layout()  # a torch whose layout we cannot read back is refused before any work
         parts = layout.views(out)
         for which, w, scale in _matrices(weights):
-            packed, sz = parts[which], parts[which + "_sz"]
-            k = packed.shape[1] * 2
-            for n0, n1 in _spans(packed.shape[0], k):
-                q, s, z = _quantize(_channels(w, scale, n0, n1), k // sz.shape[0], 16, self.symmetric, self.hqq_iters)
-                packed[n0:n1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-                sz[:, n0:n1] = torch.stack([s.t(), z.t()], dim=2)
+            _int4_pack(lambda n0, n1: _channels(w, scale, n0, n1), parts[which], parts[which + "_sz"],
+                       self.symmetric, self.hqq_iters)
 
     def _cpu_matmul(self, x: torch.Tensor, which: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        packed, sz = parts[which], parts[which + "_sz"]
-        k = packed.shape[1] * 2
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_kernel_rows(x, k), packed, k // sz.shape[0], sz)
-        return y.view(*x.shape[:-1], packed.shape[0]).to(x.dtype)
+        return _int4_matmul(x, parts[which], parts[which + "_sz"])
 
     def weight(self, parts: dict[str, torch.Tensor], which: str) -> torch.Tensor:
         return _affine(_int4_unpack(parts[which], _int4_layout()), parts[which + "_sz"])
+
+
+def _int4_pack(rows, packed: torch.Tensor, sz: torch.Tensor, symmetric: bool = False, hqq_iters: int = 0) -> None:
+    """Quantize a matrix, given as rows(n0, n1) -> float32 output channels [n1 - n0, K], into the int4
+    kernel's packed [N, K/2] and scales_and_zeros [K/group, N, 2], a few million weights at a time."""
+    _int4_layout()  # a torch whose layout we cannot read back is refused before any work
+    k = packed.shape[1] * 2
+    for n0, n1 in _spans(packed.shape[0], k):
+        q, s, z = _quantize(rows(n0, n1), k // sz.shape[0], 16, symmetric, hqq_iters)
+        packed[n0:n1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        sz[:, n0:n1] = torch.stack([s.t(), z.t()], dim=2)
+
+
+def _int4_matmul(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ W for W in the int4 kernel's packing, on the CPU (bf16 activations)."""
+    k = packed.shape[1] * 2
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(_kernel_rows(x, k), packed, k // sz.shape[0], sz)
+    return y.view(*x.shape[:-1], packed.shape[0]).to(x.dtype)
+
+
+@dataclass(eq=False)
+class Int4Linear:
+    """A resident nn.Linear weight [N, K] in the int4 experts' format (--resident-dtype int4): group-wise
+    4-bit, a bfloat16 scale and zero point per group of inputs as FORMATS["int4"] has them, a quarter of bf16's
+    bytes plus 4 per group, multiplied by the same kernel. As llama.cpp's Q4_0 quantizes attention and
+    the shared expert too. Off the CPU it multiplies by the dequantized matrix: correct, not fast."""
+
+    packed: torch.Tensor  # uint8 [N, K/2]
+    sz: torch.Tensor  # bfloat16 [K/group, N, 2]
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> "Int4Linear":
+        n, k = w.shape
+        if k % 32:
+            raise MoestreamError(f"--resident-dtype int4 needs input sizes that are multiples of 32 (a matrix of this "
+                                 f"model has {k}): use --resident-dtype int8")
+        packed = torch.empty(n, k // 2, dtype=torch.uint8)
+        sz = torch.empty(k // _group(k, FORMATS["int4"].group), n, 2, dtype=torch.bfloat16)
+        _int4_pack(lambda n0, n1: w[n0:n1].float().cpu(), packed, sz)
+        return cls(packed.to(w.device), sz.to(w.device))
+
+    @staticmethod
+    def nbytes_for(n: int, k: int) -> int:
+        """Bytes of an [N, K] matrix in this storage (the planner's count)."""
+        return n * k // 2 + 4 * n * (k // _group(k, FORMATS["int4"].group))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed.device.type == "cpu":
+            return _int4_matmul(x, self.packed, self.sz)
+        return x @ _affine(_int4_unpack(self.packed, _int4_layout()), self.sz).to(x.dtype)
+
 
 
 def _int2_rows(n: int, k: int) -> int:

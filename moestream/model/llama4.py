@@ -29,7 +29,7 @@ from .attention import attend
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .experts import ExpertSource
-from .formats import Int8Linear
+from .formats import Int4Linear, Int8Linear, PackedLinear, prepacks
 
 
 # --- building blocks (shape-agnostic in the leading dimensions) ----------------------------------
@@ -81,7 +81,8 @@ def attention_temperature(positions: torch.Tensor, config: ModelConfig) -> torch
 
 
 def linear(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w.T: w a weight tensor [N, K] (nn.Linear orientation) or a quantized one (Int8Linear)."""
+    """x @ w.T: w a weight tensor [N, K] (nn.Linear orientation), or one in another storage that
+    multiplies itself (Int8Linear, Int4Linear, PackedLinear)."""
     return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
 
 
@@ -100,9 +101,10 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int):
 
 
 # --- weights -------------------------------------------------------------------------------------
-# A matrix below is a tensor at the compute dtype, or with --resident-dtype int8 an Int8Linear
-# (embeddings, norms and routers always stay tensors); `linear` multiplies either.
-Matrix = torch.Tensor | Int8Linear
+# A matrix below is a tensor at the compute dtype, with --resident-dtype int8 / int4 an Int8Linear /
+# Int4Linear, or in bf16 on the CPU a PackedLinear (embeddings, norms and routers always stay
+# tensors); `linear` multiplies any of them.
+Matrix = torch.Tensor | Int8Linear | Int4Linear | PackedLinear
 
 
 @dataclass
@@ -145,34 +147,37 @@ class Weights:
         """Each MoE layer's router, by layer (the prefetcher applies them ahead of time)."""
         return {b.index: b.ffn.router for b in self.blocks if isinstance(b.ffn, MoEWeights)}
 
-    def tensors(self) -> list[torch.Tensor]:
-        """Every weight, tied embeddings counted once."""
+    def tensors(self) -> list:
+        """Every weight: tensors, and PackedLinears (opaque matrices), tied embeddings counted once."""
         def flat(obj):
-            for value in vars(obj).values():
-                if isinstance(value, torch.Tensor):
-                    yield value
-                elif hasattr(value, "__dataclass_fields__"):
+            if isinstance(obj, (torch.Tensor, PackedLinear)):
+                yield obj
+            elif hasattr(obj, "__dataclass_fields__"):  # a block, its parts, an Int8Linear
+                for value in vars(obj).values():
                     yield from flat(value)
 
-        head = [self.lm_head] if isinstance(self.lm_head, torch.Tensor) else list(flat(self.lm_head))
-        tensors = [self.embed, self.norm, *head] + [t for b in self.blocks for t in flat(b)]
-        return list({t.data_ptr(): t for t in tensors}.values())
+        found = [t for part in (self.embed, self.norm, self.lm_head, *self.blocks) for t in flat(part)]
+        return list({t.data_ptr() if isinstance(t, torch.Tensor) else id(t): t for t in found}.values())
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return sum(t.nbytes for t in self.tensors())
 
 
 def load_weights(ckpt: Checkpoint, device, dtype, resident_dtype: str = "auto") -> Weights:
     """The resident weights, read from the checkpoint onto the compute device (never a routed expert).
-    resident_dtype "int8": the attention, shared-expert, dense-MLP and lm_head matrices are quantized
-    per output channel as they are read (one matrix at a time, so the peak is one bf16 matrix)."""
+    resident_dtype "int8" / "int4": the attention, shared-expert, dense-MLP and lm_head matrices are
+    quantized as they are read (one matrix at a time, so the peak is one bf16 matrix).
+    In bf16 on the CPU they are re-laid for oneDNN instead (PackedLinear: the same numbers, faster),
+    but for an lm_head tied to the embedding table, which stays one tensor."""
     def w(name: str) -> torch.Tensor:
         return ckpt.read(name).to(device=device, dtype=dtype)
 
-    def matrix(*names: str) -> Matrix:
+    def matrix(*names: str, pack: bool = True) -> Matrix:
         m = torch.cat([w(n) for n in names]) if len(names) > 1 else w(names[0])
-        return Int8Linear.quantize(m) if resident_dtype == "int8" else m
+        if resident_dtype in ("int8", "int4"):
+            return (Int8Linear if resident_dtype == "int8" else Int4Linear).quantize(m)
+        return PackedLinear(m) if pack and prepacks(m.dtype, m.device) else m
 
     def mlp(prefix: str) -> MLPWeights:
         return MLPWeights(matrix(prefix + "gate_proj.weight", prefix + "up_proj.weight"), matrix(prefix + "down_proj.weight"))
@@ -186,7 +191,9 @@ def load_weights(ckpt: Checkpoint, device, dtype, resident_dtype: str = "auto") 
         else:
             ffn = mlp(p + "feed_forward.")
         blocks.append(Block(i, w(p + "input_layernorm.weight"), attn, w(p + "post_attention_layernorm.weight"), ffn))
-    return Weights(blocks, w("model.embed_tokens.weight"), w("model.norm.weight"), matrix("lm_head.weight"))
+    embed = w("model.embed_tokens.weight")
+    head = matrix("lm_head.weight", pack=not ckpt.config.tie_word_embeddings)
+    return Weights(blocks, embed, w("model.norm.weight"), head)
 
 
 # --- the model -----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def build_experts(checkpoint, settings, fmt: ExpertFormat, *, resident: bool, sl
     routers: each MoE layer's router (for the prefetcher); progress(bytes_now, bytes_total) while
     experts are placed in host RAM / on disk."""
     if resident:
-        return ResidentExperts(checkpoint, fmt, device)
+        return ResidentExperts(checkpoint, fmt, device, dtype)
     c = checkpoint.config
     gpu_layers = [layer for layer in c.moe_layers if layer not in cpu_layers]
     # CPU-run layers first, so a short --cpu-mem keeps the experts the CPU reads in RAM

@@ -2,7 +2,8 @@
 
 Each expert is read from the checkpoint into its own device buffer the first time a token routes to
 it (not at load: start-up stays fast, and tests count the reads to prove laziness); after warm-up
-it is simply the resident model.
+it is simply the resident model. A format may then re-lay it for its kernel (ExpertFormat.settle:
+bf16 on the CPU goes into oneDNN's blocked layout), since a resident expert is never copied again.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from ..model.formats import Expert, ExpertFormat
 
 
 class ResidentExperts:
-    def __init__(self, checkpoint, fmt: ExpertFormat, device):
-        self.checkpoint, self.fmt, self.device = checkpoint, fmt, device
+    def __init__(self, checkpoint, fmt: ExpertFormat, device, dtype: torch.dtype):
+        self.checkpoint, self.fmt, self.device, self.dtype = checkpoint, fmt, device, dtype
         self.hidden, self.inter = checkpoint.config.hidden_size, checkpoint.config.intermediate_size
         self.loaded: dict[tuple[int, int], Expert] = {}
         self.gets = 0  # calls through the seam
@@ -40,7 +41,8 @@ class ResidentExperts:
         if expert is None:
             buffer = torch.empty(self.fmt.nbytes(self.hidden, self.inter), dtype=torch.uint8)
             self.checkpoint.read_expert_into(layer, e, buffer, self.fmt)  # packed on the host, then moved once
-            expert = self.loaded[(layer, e)] = self.fmt.expert(buffer.to(self.device), self.hidden, self.inter)
+            expert = self.fmt.settle(self.fmt.expert(buffer.to(self.device), self.hidden, self.inter), self.dtype)
+            self.loaded[(layer, e)] = expert
         return expert
 
     def snapshot(self) -> ExpertStats:

@@ -31,16 +31,19 @@ WORKSPACE_TOKENS = 512  # activations are reserved for a step of this many token
 def resident_bytes(c: ModelConfig, itemsize: int, resident_dtype: str = "auto") -> int:
     """Everything but the routed experts, from the shapes alone. With --resident-dtype int8 the
     attention, shared-expert, dense-MLP and lm_head matrices [N, K] take N*K bytes + a 2-byte scale
-    per row (model/formats.py Int8Linear); embeddings, norms and routers stay at the compute dtype."""
+    per row (model/formats.py Int8Linear); with int4, N*K/2 bytes + a 2-byte scale and zero point per
+    group of inputs (Int4Linear); embeddings, norms and routers stay at the compute dtype."""
+    from ..model.formats import Int4Linear, Int8Linear
+
     D = c.hidden_size
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    int8 = resident_dtype == "int8"
+    quantized = {"int8": Int8Linear, "int4": Int4Linear}.get(resident_dtype)
 
     def matrix(n: int, k: int) -> int:
-        return n * k + 2 * n if int8 else n * k * itemsize
+        return quantized.nbytes_for(n, k) if quantized else n * k * itemsize
 
-    # the embedding table and the final norm; the lm_head is the table itself when tied, except in int8
-    head = matrix(c.vocab_size, D) if int8 or not c.tie_word_embeddings else 0
+    # the embedding table and the final norm; the lm_head is the table itself when tied, unless quantized
+    head = matrix(c.vocab_size, D) if quantized or not c.tie_word_embeddings else 0
     n = (c.vocab_size * D + D) * itemsize + head
     for i in range(c.num_hidden_layers):
         n += matrix(q + 2 * kv, D) + matrix(D, q) + 2 * D * itemsize
