@@ -532,7 +532,7 @@ def worker(spec: dict) -> None:
             run_test(llm, min(n_p, 8), min(n_g, 2), 0, seed=0)  # warm-up, as moestream bench
             samples = [run_test(llm, n_p, n_g, 0, seed=k + 1)["tps"] for k in range(spec["reps"])]
             r[kind], r[kind + "_samples"] = statistics.median(samples), samples
-    plan = llm.plan
+    plan, c = llm.plan, llm.config
     item = torch.empty((), dtype=llm.dtype).element_size()
     embedding = c.vocab_size * c.hidden_size * item  # one row of it is read per token
     res["bytes_per_token"] = plan.resident_bytes - embedding + len(c.moe_layers) * c.num_experts_per_tok * plan.expert_bytes
