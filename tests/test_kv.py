@@ -53,3 +53,30 @@ def test_chat_turns_reuse_the_cached_prefix(tiny):
     llm.reset()
     assert llm.generate_ids(follow, params, stop_ids=set()) == continued
     assert llm.stats().turn.prompt_tokens == len(follow)
+
+
+def test_many_query_attention_paths_equal_the_masked_reference():
+    """The chunk-at-a-time path (every start, length and key offset a cache can hand over) and the
+    fresh-prompt causal path give the [T, S]-masked attention's numbers, to float32 rounding."""
+    import torch.nn.functional as F
+
+    from moestream.model.attention import attend, visibility
+
+    def masked(q, k, v, q_pos, k_first, chunk):
+        k_pos = torch.arange(k_first, k_first + k.shape[0])
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                             attn_mask=visibility(q_pos, k_pos, chunk), enable_gqa=True)
+        return out.transpose(0, 1).reshape(q.shape[0], -1)
+
+    g = torch.Generator().manual_seed(0)
+    for chunk in (8, 16, None):
+        for k_first in (0, 8, 16):  # a chunk cache starts on a chunk boundary; a global one at 0
+            if chunk is None and k_first:
+                continue
+            for q0 in range(k_first, k_first + 40, 3):
+                for T in (2, 5, 8, 9, 17, 40):
+                    S = q0 + T - k_first
+                    q, k, v = torch.randn(T, 4, 8, generator=g), torch.randn(S, 2, 8, generator=g), torch.randn(S, 2, 8, generator=g)
+                    q_pos = torch.arange(q0, q0 + T)
+                    got, want = attend(q, k, v, q_pos, k_first, chunk), masked(q, k, v, q_pos, k_first, chunk)
+                    assert (got - want).abs().max() < 1e-5, (chunk, k_first, q0, T)

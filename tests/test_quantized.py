@@ -162,6 +162,16 @@ def test_int4_resident_matrix_equals_its_dequantized_weights():
         Int4Linear.quantize(torch.randn(8, 48))
 
 
+def test_int4_resident_on_a_model_it_cannot_take_is_one_line_from_plan_and_load(tiny):
+    path = tiny("maverick")[0]  # its dense MLP's down_proj has 80 inputs
+    out = subprocess.run([sys.executable, "-m", "moestream", "plan", "-m", str(path), "--resident-dtype", "int4"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "multiples of 32" in out.stderr and "--resident-dtype int8" in out.stderr
+    with pytest.raises(moestream.MoestreamError, match="multiples of 32"):
+        moestream.load(path, resident_dtype="int4")
+
+
 @pytest.mark.parametrize("name,resident,share", [("scout", "int8", 0.75), ("maverick", "int8", 0.75), ("scout", "int4", 0.6)])
 def test_quantized_resident_weights_shrink_their_bytes_stay_close_and_the_plan_agrees(tiny, tmp_path, name, resident, share):
     path = tiny(name)[0]
@@ -173,10 +183,14 @@ def test_quantized_resident_weights_shrink_their_bytes_stay_close_and_the_plan_a
     try:
         assert llm.plan.resident_bytes == llm.model.resident_bytes == llm.stats().memory.resident_bytes == planned
         assert llm.model.resident_bytes < share * base.model.resident_bytes
-        a, b = base.logits(PROMPT), llm.logits(PROMPT)
+        b = llm.logits(PROMPT)
         if resident == "int8":  # int4 on random 64-wide weights (one group per row) is too coarse to compare
-            assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8  # random tiny weights: close, not equal
-            assert torch.softmax(b, -1).sub(torch.softmax(a, -1)).abs().sum(-1).max() < 0.5
+            # compared in float32: these random tiny models are chaotic enough that bf16 activations alone move
+            # the output distribution by as much as the bound (L1 0.54 between bf16 and float32, maverick)
+            a32 = moestream.load(path).logits(PROMPT)
+            b32 = moestream.load(path, resident_dtype=resident).logits(PROMPT)
+            assert (a32.argmax(-1) == b32.argmax(-1)).float().mean() > 0.8  # random tiny weights: close, not equal
+            assert torch.softmax(b32, -1).sub(torch.softmax(a32, -1)).abs().sum(-1).max() < 0.5
         # offloading still changes only where experts live
         offloaded = moestream.load(path, dtype="bfloat16", resident_dtype=resident, expert_cache=2 * llm.plan.expert_bytes,
                                    cpu_mem=0, expert_dir=tmp_path, cpu_experts="never")

@@ -36,14 +36,55 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_first: int,
            chunk: int | None) -> torch.Tensor:
-    """Causal (optionally chunk-local) attention of q over consecutive keys from position k_first."""
+    """Causal (optionally chunk-local) attention of q over consecutive keys from position k_first; the
+    last key is the last query's (a cache hands over its keys with the new ones appended)."""
     T = q.shape[0]
     if T == 1:  # a single new token sees every key a cache hands it
         return decode_attention(q[0], k, v)
+    if chunk is not None and T > chunk:
+        return chunked_attention(q, k, v, q_pos, k_first, chunk)
+    if chunk is None and k.shape[0] == T:  # a fresh prompt: plain causal, no mask to build and read
+        return _sdpa(q, k, v, None)
     k_pos = torch.arange(k_first, k_first + k.shape[0], device=k.device)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=visibility(q_pos, k_pos, chunk), enable_gqa=True)
-    return out.transpose(0, 1).reshape(T, -1)
+    return _sdpa(q, k, v, visibility(q_pos, k_pos, chunk))
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """torch's SDPA over [T, H, hd] heads, given a batch dimension: with 4-D inputs the CPU takes its
+    flash kernel (2-4x the 3-D math path's speed, mask or not); mask None = causal from the first key."""
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_first: int,
+                      chunk: int) -> torch.Tensor:
+    """Chunk-local causal attention of many queries, one chunk at a time instead of through a [T, S]
+    mask that is zero off its diagonal blocks: the queries left of the first chunk boundary against
+    their chunk's keys (masked), then every whole chunk at once as a batch of causal blocks, then the
+    last partial chunk (causal). 20x the masked call's speed at 512 tokens in chunks of 64."""
+    T, H, hd = q.shape
+    q0 = int(q_pos[0])
+    d = q0 - k_first  # the key index of the first query's own key
+    head = min(T, -q0 % chunk)  # queries before the first chunk boundary
+    parts = []
+    if head:
+        start = max(0, q0 // chunk * chunk - k_first)  # keys from that chunk's start
+        k_pos = torch.arange(k_first + start, q0 + head, device=k.device)
+        parts.append(_sdpa(q[:head], k[start:d + head], v[start:d + head], visibility(q_pos[:head], k_pos, chunk)))
+    whole = (T - head) // chunk
+    if whole:
+        n, span = whole * chunk, slice(d + head, d + head + whole * chunk)
+        def blocks(x):  # [chunks, heads, chunk, hd]
+            return x.reshape(whole, chunk, x.shape[1], hd).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(blocks(q[head:head + n]), blocks(k[span]), blocks(v[span]),
+                                             is_causal=True, enable_gqa=True)
+        parts.append(out.transpose(1, 2).reshape(n, H * hd))
+    tail = T - head - whole * chunk
+    if tail:
+        parts.append(_sdpa(q[T - tail:], k[k.shape[0] - tail:], v[v.shape[0] - tail:], None))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def attention_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):

@@ -562,18 +562,23 @@ class Int4Linear:
     @classmethod
     def quantize(cls, w: torch.Tensor) -> "Int4Linear":
         n, k = w.shape
-        if k % 32:
-            raise MoestreamError(f"--resident-dtype int4 needs input sizes that are multiples of 32 (a matrix of this "
-                                 f"model has {k}): use --resident-dtype int8")
         packed = torch.empty(n, k // 2, dtype=torch.uint8)
-        sz = torch.empty(k // _group(k, FORMATS["int4"].group), n, 2, dtype=torch.bfloat16)
+        sz = torch.empty(k // cls._group(k), n, 2, dtype=torch.bfloat16)
         _int4_pack(lambda n0, n1: w[n0:n1].float().cpu(), packed, sz)
         return cls(packed.to(w.device), sz.to(w.device))
 
-    @staticmethod
-    def nbytes_for(n: int, k: int) -> int:
+    @classmethod
+    def nbytes_for(cls, n: int, k: int) -> int:
         """Bytes of an [N, K] matrix in this storage (the planner's count)."""
-        return n * k // 2 + 4 * n * (k // _group(k, FORMATS["int4"].group))
+        return n * k // 2 + 4 * n * (k // cls._group(k))
+
+    @staticmethod
+    def _group(k: int) -> int:
+        """The group size for input dim k, refusing one the kernel cannot take (planner and loader alike)."""
+        if k % 32:
+            raise MoestreamError(f"--resident-dtype int4 needs input sizes that are multiples of 32 (a matrix of this "
+                                 f"model has {k}): use --resident-dtype int8")
+        return _group(k, FORMATS["int4"].group)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed.device.type == "cpu":
