@@ -92,3 +92,18 @@ def test_sharded_checkpoint_has_many_files(tiny):
     path, _ = tiny("sharded")
     assert len(list(path.glob("*.safetensors"))) >= 3
     assert (path / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_gives_the_reference_formulas_bits(dtype):
+    """transformers' Llama4TextRMSNorm: float32 statistics, rounded to the input dtype, then the weight."""
+    from moestream.model.llama4 import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 128), (7, 5120), (3, 6, 32)]:
+        x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+        w = torch.randn(shape[-1], generator=g).to(dtype)
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x)
+        assert torch.equal(rms_norm(x, None, 1e-5), normed)
+        assert torch.equal(rms_norm(x, w, 1e-5), normed * w)
