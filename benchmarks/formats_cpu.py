@@ -7,7 +7,9 @@ speed    one Scout-shaped expert (D=5120, F=8192: gate_up [5120, 16384], down [8
          bf16 weights (std 0.02), one token: seconds per expert call (best of --reps) and weight GB/s
          (the buffer's bytes / call time), bfloat16 and float32 activations; bytes per expert; the
          output's relative error ||y - y_ref|| / ||y_ref|| against the float32 SwiGLU of the bf16
-         weights, for activations that are bf16 values (so both dtypes see the same numbers).
+         weights, for activations that are bf16 values (so both dtypes see the same numbers). The
+         "bf16 on the CPU" rows: output-major, as CPU runs store 16-bit experts, and "resident":
+         then re-laid for oneDNN (ExpertFormat.settle), as a resident expert is kept (bf16 only).
 quality  int4 / int2 group sizes, symmetric vs asymmetric, HQQ vs round-to-nearest: reconstruction
          error on the embedded model's 128 real experts and output error on their SwiGLU with random
          activations, and on random Gaussian experts (D=256, F=512).
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import moestream.model.formats as fm
-from moestream.model.formats import FORMATS, ExpertWeights, Int2, Int4
+from moestream.model.formats import CPU_FORMATS, FORMATS, ExpertWeights, Int2, Int4
 
 D, FF = 5120, 8192  # Scout's hidden and expert intermediate sizes (--hidden / --inter for a quick try)
 MODEL = Path(fm.__file__).resolve().parents[1] / "data" / "default" / "model.safetensors"
@@ -78,17 +80,21 @@ def speed(args) -> None:
     runs = [(name, FORMATS[name]) for name in ("f32", "bf16", "int8", "int4")]
     runs += [("int4", Int4("int4", group=g)) for g in (32, 128) if g != FORMATS["int4"].group]
     runs += [("int2", FORMATS["int2"]), ("int2", Int2("int2", group=64)), ("fp8", FORMATS["fp8"])]
+    runs += [("bf16 on the CPU", CPU_FORMATS["bf16"]), ("bf16 on the CPU, resident", CPU_FORMATS["bf16"])]
     for name, fmt in runs:
         t = time.perf_counter()
         buf = packed(fmt, w)
-        pack_s = time.perf_counter() - t
         expert = fmt.expert(buf, D, FF)
+        settled = name.endswith("resident")  # as ResidentExperts keeps it: bf16 activations only
+        if settled:
+            expert = fmt.settle(expert, torch.bfloat16)
+        pack_s = time.perf_counter() - t
         row = [f"{name} (`{fmt.signature}`)", f"{buf.numel():,}", f"{pack_s:.1f}"]
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in (torch.bfloat16,) if settled else (torch.bfloat16, torch.float32):
             xd = x.to(dtype)
             s = best_of(lambda: expert(xd), args.reps)
             row += [f"{s * 1e3:.2f} ms", f"{buf.numel() / s / 1e9:.1f}", f"{rel(expert(xd), ref):.2e}"]
-        print("| " + " | ".join(row) + " |")
+        print("| " + " | ".join(row + ["—"] * (9 - len(row))) + " |")
         del buf, expert
 
 
