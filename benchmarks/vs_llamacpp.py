@@ -55,6 +55,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -138,6 +139,8 @@ class LlamaCpp:
     quantize: Path
     commit: str
     version: str = ""
+    cache: Path | None = None  # the --cache it was built into (None: an existing --llama-cpp tree)
+    amx: bool = True  # False: rebuilt without AMX kernels (see llama_bench)
 
     @property
     def converter(self) -> Path:
@@ -196,11 +199,13 @@ def llama4_small_ok(source: Path) -> bool:
     return not f.is_file() or LLAMA4_UNPATCHED not in f.read_text()
 
 
-def build_llama_cpp(cache: Path) -> Path:
-    """The llama-cpp-python sdist's vendored llama.cpp, CPU-built under cache/llama.cpp; its source dir."""
+def build_llama_cpp(cache: Path, amx: bool = True) -> Path:
+    """The llama-cpp-python sdist's vendored llama.cpp, CPU-built under cache/llama.cpp; its source dir.
+    amx False: built into build-no-amx with AMX code left out (NO_AMX_FLAGS), for a CPU that reports
+    AMX but faults on its instructions."""
     root = cache / "llama.cpp"
     source = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    build = root / "build"
+    build = root / ("build" if amx else "build-no-amx")
     if not (source / "convert_hf_to_gguf.py").is_file():
         sdist = root / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
         if not sdist.is_file():
@@ -217,9 +222,15 @@ def build_llama_cpp(cache: Path) -> Path:
             if not (build / "CMakeCache.txt").is_file():
                 sh(["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
                     "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_CUDA=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"])
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                    *([] if amx else [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"])])
             sh(["cmake", "--build", build, "--config", "Release", "-j", "2", "--target", "llama-bench", "llama-quantize"])
     return source
+
+
+# GCC's explicit -mno-* flags win over -march=native's, wherever they stand on the command line: with
+# them ggml compiles no AMX kernels (they are under #if __AMX_INT8__) and uses its AVX-512 ones.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 def llama_cpp(args) -> LlamaCpp:
@@ -233,7 +244,7 @@ def llama_cpp(args) -> LlamaCpp:
     if not (bench and quantize and (source / "convert_hf_to_gguf.py").is_file() and (source / "gguf-py").is_dir()):
         raise SystemExit(f"{root}: needs llama-bench and llama-quantize (in build/bin, bin or the top) and "
                          f"convert_hf_to_gguf.py with gguf-py/ next to it")
-    lc = LlamaCpp(source, bench, quantize, source_commit(source))
+    lc = LlamaCpp(source, bench, quantize, source_commit(source), cache=None if args.llama_cpp else args.cache)
     version = sh([bench, "--version"], capture=True, record=False, check=False)
     lc.version = "; ".join(line.strip() for line in (version.stdout + version.stderr).splitlines() if line.strip())
     say(f"llama.cpp: {source} (ggml/llama.cpp commit {lc.commit}); llama-bench --version: {lc.version or '?'}")
@@ -465,8 +476,19 @@ def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 7) -> float:
 def llama_bench(lc: LlamaCpp, gguf: Path, p: int, n: int, threads: list[int], reps: int) -> dict:
     """{threads: {"pp": t/s, "tg": t/s, ...}}: the median of llama-bench's samples per test; one
     llama-bench run (-t takes the list) after its own warm-up per test."""
-    out = sh([lc.bench, "-m", gguf, "-p", p, "-n", n, "-t", ",".join(map(str, threads)), "-r", reps, "-o", "json"],
-             capture=True)
+    cmd = ["-m", gguf, "-p", p, "-n", n, "-t", ",".join(map(str, threads)), "-r", reps, "-o", "json"]
+    out = sh([lc.bench, *cmd], capture=True, check=lc.cache is None or not lc.amx)
+    if out.returncode == -signal.SIGILL:
+        # Seen on a VM whose CPU reports AMX (and whose kernel grants it) but faults on tilezero: the
+        # build is ggml's AMX kernels (-march=native) on such a CPU, not the model. Rebuild without.
+        say("llama-bench died of an illegal instruction (SIGILL); this CPU reports AMX but does not run "
+            f"it: rebuilding llama.cpp without AMX kernels ({NO_AMX_FLAGS}) and running again")
+        build_llama_cpp(lc.cache, amx=False)
+        root = lc.cache / "llama.cpp" / "build-no-amx"
+        lc.bench, lc.quantize, lc.amx = find_binary(root, "llama-bench"), find_binary(root, "llama-quantize"), False
+        out = sh([lc.bench, *cmd], capture=True)
+    elif out.returncode != 0:
+        raise SystemExit(f"failed ({out.returncode}): {shlex.join(map(str, [lc.bench, *cmd]))}")
     res: dict[int, dict] = {t: {} for t in threads}
     for row in json.loads(out.stdout):
         r = res.setdefault(int(row["n_threads"]), {})
@@ -713,7 +735,7 @@ def main() -> None:
     say(f"- machine: {machine()}")
     builds = {r["build"] for rs in rows.values() for r in rs if r.get("build")}
     say(f"- llama.cpp: commit {lc.commit} ({lc.version}; llama-bench JSON build_commit "
-        f"{', '.join(sorted(builds)) or '?'}), CPU build, {lc.bench}")
+        f"{', '.join(sorted(builds)) or '?'}), CPU build{'' if lc.amx else ' without AMX kernels (this CPU faults on them)'}, {lc.bench}")
     say(f"- tests: pp{args.p} / tg{args.n}, {args.r} repetitions, median t/s; llama-bench (mmap, its defaults) after its "
         f"own warm-up; moestream (Python API, one load per format, every expert placed first) after one warm-up "
         f"test per thread count (moestream/cli/bench.py run_test, as `moestream bench`); one engine at a time")
