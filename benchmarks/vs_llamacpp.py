@@ -201,8 +201,8 @@ def llama4_small_ok(source: Path) -> bool:
 
 def build_llama_cpp(cache: Path, amx: bool = True) -> Path:
     """The llama-cpp-python sdist's vendored llama.cpp, CPU-built under cache/llama.cpp; its source dir.
-    amx False: built into build-no-amx with AMX code left out (NO_AMX_FLAGS), for a CPU that reports
-    AMX but faults on its instructions."""
+    amx False: built into build-no-amx with ggml's AMX kernels left out (NO_AMX_FLAGS), for a CPU
+    where they fault."""
     root = cache / "llama.cpp"
     source = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
     build = root / ("build" if amx else "build-no-amx")
@@ -479,10 +479,10 @@ def llama_bench(lc: LlamaCpp, gguf: Path, p: int, n: int, threads: list[int], re
     cmd = ["-m", gguf, "-p", p, "-n", n, "-t", ",".join(map(str, threads)), "-r", reps, "-o", "json"]
     out = sh([lc.bench, *cmd], capture=True, check=lc.cache is None or not lc.amx)
     if out.returncode == -signal.SIGILL:
-        # Seen on a VM whose CPU reports AMX (and whose kernel grants it) but faults on tilezero: the
-        # build is ggml's AMX kernels (-march=native) on such a CPU, not the model. Rebuild without.
-        say("llama-bench died of an illegal instruction (SIGILL); this CPU reports AMX but does not run "
-            f"it: rebuilding llama.cpp without AMX kernels ({NO_AMX_FLAGS}) and running again")
+        # Seen on a Xeon VM with AMX (oneDNN runs its AMX kernels there): ggml's AMX Q8_0 / Q4_0 kernel,
+        # compiled in by -march=native, faults on tilezero. The build, not the model: rebuild without.
+        say("llama-bench died of an illegal instruction (SIGILL), as ggml's AMX kernels do on some "
+            f"AMX machines: rebuilding llama.cpp without them ({NO_AMX_FLAGS}) and running again")
         build_llama_cpp(lc.cache, amx=False)
         root = lc.cache / "llama.cpp" / "build-no-amx"
         lc.bench, lc.quantize, lc.amx = find_binary(root, "llama-bench"), find_binary(root, "llama-quantize"), False
@@ -735,7 +735,7 @@ def main() -> None:
     say(f"- machine: {machine()}")
     builds = {r["build"] for rs in rows.values() for r in rs if r.get("build")}
     say(f"- llama.cpp: commit {lc.commit} ({lc.version}; llama-bench JSON build_commit "
-        f"{', '.join(sorted(builds)) or '?'}), CPU build{'' if lc.amx else ' without AMX kernels (this CPU faults on them)'}, {lc.bench}")
+        f"{', '.join(sorted(builds)) or '?'}), CPU build{'' if lc.amx else ' without AMX kernels (they fault on this CPU)'}, {lc.bench}")
     say(f"- tests: pp{args.p} / tg{args.n}, {args.r} repetitions, median t/s; llama-bench (mmap, its defaults) after its "
         f"own warm-up; moestream (Python API, one load per format, every expert placed first) after one warm-up "
         f"test per thread count (moestream/cli/bench.py run_test, as `moestream bench`); one engine at a time")

@@ -273,7 +273,37 @@ def test_16_bit_experts_on_the_cpu_are_stored_output_major():
 
 
 # --- oneDNN's layout for resident bf16 matrices on the CPU (PackedLinear) -------------------------------
-needs_onednn_bf16 = pytest.mark.skipif(not fm.prepacks(torch.bfloat16, "cpu"), reason="this CPU's oneDNN has no bf16 kernels")
+needs_onednn_bf16 = pytest.mark.skipif(not fm.prepacks(torch.bfloat16, "cpu"),
+                                       reason="no packing here: this CPU's oneDNN has no bf16 kernels, or may take AMX")
+
+
+def test_no_packing_where_onednn_may_take_amx(monkeypatch):
+    """With AMX the packed and the plain bf16 matmuls differ in the last bits, and an offloaded expert
+    stays plain: so no PackedLinear where oneDNN may take AMX, unless oneDNN is capped below it."""
+    monkeypatch.setattr(fm, "onednn_may_use_amx", lambda: True)
+    assert not fm.prepacks(torch.bfloat16, "cpu")
+    monkeypatch.undo()
+    probe = fm.onednn_may_use_amx.__wrapped__  # uncached: reads the environment and the CPU each call
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    cpu_says = probe()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert probe() is False  # capped below AMX
+    for cap in ("AVX512_CORE_AMX", "ALL"):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert probe() is cpu_says  # not capped below it: the CPU decides
+
+
+def test_resident_bf16_expert_computes_the_offloaded_ones_bits():
+    """Whatever this CPU packs, a resident (settled) bf16 expert gives the bits of the plain expert an
+    offload cache runs, at input sizes where AMX's packed kernel would differ (512 and up)."""
+    fmt, hidden, inter = CPU_FORMATS["bf16"], 512, 256  # gate_up [512, 512], down [512, 256]
+    expert = fmt.expert(packed(fmt, weights(hidden, inter)), hidden, inter)
+    settled = fmt.settle(expert, torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    for rows in (1, 2, 7, 64, 100):
+        x = torch.randn(rows, hidden, generator=g).bfloat16()
+        assert torch.equal(settled(x), expert(x))
 
 
 @needs_onednn_bf16

@@ -17,6 +17,8 @@ legal on any device and vectorised loads stay aligned.
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 from dataclasses import dataclass
 
@@ -96,16 +98,33 @@ class Expert:
 # --- oneDNN's blocked layout for resident bf16 matrices on the CPU --------------------------------------
 def prepacks(dtype: torch.dtype, device) -> bool:
     """Whether a resident matrix of this dtype on this device is reordered once into oneDNN's blocked
-    layout (PackedLinear): bfloat16 on a CPU whose oneDNN has bf16 kernels (AVX512-BF16 / AMX)."""
+    layout (PackedLinear): bfloat16 on a CPU whose oneDNN has bf16 kernels, but not where oneDNN may
+    take AMX. With AVX512-BF16 both layouts run one kernel family and agree bit for bit; with AMX the
+    packed and the plain matmul accumulate in other orders (seen on a Xeon: last-bit differences from
+    512 inputs on), and an offloaded expert, which stays plain, must compute what a resident one does."""
     return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported() and not onednn_may_use_amx())
+
+
+@functools.cache
+def onednn_may_use_amx() -> bool:
+    """True unless this CPU is known to lack AMX (Linux's /proc/cpuinfo lists no amx_bf16) or oneDNN is
+    capped below it (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA naming an ISA without AMX)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    if cap and cap.upper() != "ALL" and "AMX" not in cap.upper():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return True  # not Linux: cannot tell, so do not pack
 
 
 class PackedLinear:
     """A resident bf16 nn.Linear weight [N, K] on the CPU in oneDNN's blocked layout, multiplied by the
     oneDNN linear that reads it. A one-token GEMV over a Scout-sized matrix then reads 21 GB/s where
     F.linear reads 15 (2 threads; benchmarks/formats_cpu.py), prefill is no slower, and the result is
-    F.linear's, bit for bit (tested): oneDNN computes both, F.linear from the plain layout. The packed
+    F.linear's, bit for bit (tested), where `prepacks` allows it: oneDNN computes both. The packed
     tensor is opaque (no view, no copy elsewhere), so only weights that stay put are packed."""
 
     __slots__ = ("w", "nbytes")
