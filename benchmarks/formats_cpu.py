@@ -1,7 +1,7 @@
 """Expert formats on the CPU, one run: speed, size and quality of every format, and the options
 behind the choices in model/formats.py. Prints markdown tables.
 
-    python benchmarks/formats_cpu.py [--threads 2] [--reps 5] [--sections speed,quality,int2,fp8,kernels]
+    python benchmarks/formats_cpu.py [--threads 2] [--reps 5] [--sections speed,quality,int2,fp8,kernels,int8-rows]
 
 speed    one Scout-shaped expert (D=5120, F=8192: gate_up [5120, 16384], down [8192, 5120]), random
          bf16 weights (std 0.02), one token: seconds per expert call (best of --reps) and weight GB/s
@@ -18,6 +18,7 @@ int2     the two ways to compute int2 with no 2-bit kernel: (a) unfold into the 
 fp8      ways to multiply by fp8 weights (Scout's gate_up, one token): torch's own conversion, a
          256-entry lookup table, the float16 bit trick whole and by chunk size, torch._scaled_mm.
 kernels  the int8 / int4 kernels with float32 activations: their float32 code vs rounding to bf16.
+int8-rows  the int8 kernel vs a bf16 GEMM over converted weights, by rows (where INT8_GEMM_ROWS comes from).
 """
 
 from __future__ import annotations
@@ -295,7 +296,25 @@ def kernels(args) -> None:
         print(f"| int4 g128 | {str(dt).removeprefix('torch.')} | {s * 1e3:.2f} | {n * k / 2 / s / 1e9:.1f} |")
 
 
-SECTIONS = {"speed": speed, "quality": quality, "int2": int2_paths, "fp8": fp8_paths, "kernels": kernels}
+def int8_rows(args) -> None:
+    """Where fm.INT8_GEMM_ROWS comes from: the int8 kernel against the converted-weights GEMM, by rows."""
+    g = torch.Generator().manual_seed(0)
+    k, n = D, 2 * FF
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s8 = (torch.rand(n, generator=g) * 1e-3).bfloat16()
+    print(f"\n### int8 on [{n} x {k}] by rows: the weight-only kernel vs bf16 GEMM over converted weights "
+          f"(model/formats.py _int8_gemm; used from {fm.INT8_GEMM_ROWS} rows)\n")
+    print("| rows | kernel ms | GEMM ms | kernel / GEMM |")
+    print("|---|---|---|---|")
+    for rows in (1, 4, 8, 16, 24, 32, 64, 128, 512):
+        x = torch.randn(rows, k, generator=g).bfloat16()
+        a = best_of(lambda: torch.ops.aten._weight_int8pack_mm(x, q, s8), args.reps)
+        b = best_of(lambda: fm._int8_gemm(x, q, s8), args.reps)
+        print(f"| {rows} | {a * 1e3:.1f} | {b * 1e3:.1f} | {a / b:.2f} |")
+
+
+SECTIONS = {"speed": speed, "quality": quality, "int2": int2_paths, "fp8": fp8_paths, "kernels": kernels,
+            "int8-rows": int8_rows}
 
 
 def main() -> None:
@@ -304,7 +323,7 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5, help="repetitions per timing; the best is reported")
     ap.add_argument("--tokens", type=int, default=1, help="tokens per expert call")
-    ap.add_argument("--sections", default="speed,quality,int2,fp8,kernels", help=f"comma list of {', '.join(SECTIONS)}")
+    ap.add_argument("--sections", default="speed,quality,int2,fp8,kernels,int8-rows", help=f"comma list of {', '.join(SECTIONS)}")
     ap.add_argument("--hidden", type=int, default=D)
     ap.add_argument("--inter", type=int, default=FF)
     args = ap.parse_args()

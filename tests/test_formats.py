@@ -333,3 +333,26 @@ def test_settled_bf16_expert_on_the_cpu_is_packed_and_computes_the_same():
     assert torch.equal(settled(x), expert(x)) and torch.equal(settled(x[:1]), expert(x[:1]))
     assert fmt.settle(expert, torch.float32) is expert  # float32 activations: the plain buffer upcasts
     assert FORMATS["bf16"].settle(expert, torch.bfloat16) is expert  # not output-major: stays as it is
+
+
+def test_int8_many_rows_go_through_a_bf16_gemm_with_the_kernels_numbers(monkeypatch):
+    """From INT8_GEMM_ROWS rows on, int8 weights are multiplied as converted bf16 (exact) by a GEMM, the
+    scales applied to the output: the kernel's result but for one more bf16 rounding, over every chunk
+    of output channels (N not a multiple of the chunk) and for a strided input, as a chunk of gate_up."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 700, 384
+    w = torch.randn(n, k, generator=g) * 0.02
+    m = fm.Int8Linear.quantize(w.bfloat16())
+    ref_w = m.q.float() * m.scale.float()[:, None]
+    monkeypatch.setattr(fm, "INT8_GEMM_CHUNK_BYTES", 256 * 2 * k)  # chunks of 256 output channels
+    chunk_rows = fm.INT8_GEMM_CHUNK_BYTES // (2 * k) // 64 * 64
+    assert n % chunk_rows and n > chunk_rows  # several chunks, the last one partial
+    for rows in (fm.INT8_GEMM_ROWS - 1, fm.INT8_GEMM_ROWS, 100):
+        x = torch.randn(rows, 2 * k, generator=g).bfloat16()[:, ::2]
+        y = m(x).float()
+        ref = x.float() @ ref_w.t()
+        assert ((y - ref).norm() / ref.norm()) < 8e-3
+        kernel = torch.ops.aten._weight_int8pack_mm(x.contiguous(), m.q, m.scale).float()
+        assert ((y - kernel).norm() / kernel.norm()) < 8e-3
+        if rows < fm.INT8_GEMM_ROWS:
+            assert torch.equal(y, kernel)  # below the threshold: the kernel itself

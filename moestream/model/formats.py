@@ -336,11 +336,38 @@ def _int8_rows(rows: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
 
 
 def _int8_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ (q [N, K] * s[:, None]).T on the CPU's weight-only int8 kernel (bf16 activations)."""
+    """x [..., K] @ (q [N, K] * s[:, None]).T on the CPU (bf16 activations): up to INT8_GEMM_ROWS - 1
+    rows by the weight-only int8 kernel, which reads 1 byte per weight but whose time grows with every
+    row; from INT8_GEMM_ROWS rows on, as a bf16 GEMM over the weights converted a chunk at a time."""
     if q.data_ptr() % 16:
         raise ValueError("int8 weights must start on a 16-byte boundary (the kernel's aligned loads)")
-    y = torch.ops.aten._weight_int8pack_mm(_kernel_rows(x, q.shape[1]), q, s)
+    x2 = _kernel_rows(x, q.shape[1])
+    y = _int8_gemm(x2, q, s) if x2.shape[0] >= INT8_GEMM_ROWS else torch.ops.aten._weight_int8pack_mm(x2, q, s)
     return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+
+
+# Rows from which _int8_gemm beats the kernel. Scout's gate_up [16384, 5120], Xeon VM with AMX, 2
+# threads: kernel 19.8 / 34.6 / 69.9 / 560 ms at 16 / 32 / 64 / 512 rows, the GEMM 19.8 / 23.1 / 28.1
+# / 108.5 ms (benchmarks/formats_cpu.py --sections int8-rows prints both on any machine).
+INT8_GEMM_ROWS = 32
+INT8_GEMM_CHUNK_BYTES = 1 << 22  # bf16 weights converted per GEMM step (stays in L2 / L3)
+
+
+def _int8_gemm(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x2 [T, K] bf16 @ (q * s[:, None]).T for many rows: int8 -> bf16 is exact, so each chunk of output
+    channels is one bf16 GEMM (oneDNN, AMX where there is one) over its converted weights, and the
+    scales multiply the [T, N] output instead of the weights. The output is rounded to bf16 once more
+    than the kernel's (about 2^-9 relative), far below int8's quantization error."""
+    n, k = q.shape
+    rows = max(64, INT8_GEMM_CHUNK_BYTES // (2 * k) // 64 * 64)
+    scratch = _scratch_buffer(min(n, rows) * k, torch.bfloat16, q.device)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x2.device)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = scratch[:(n1 - n0) * k].view(n1 - n0, k)
+        w.copy_(q[n0:n1])
+        y[:, n0:n1] = F.linear(x2, w)
+    return (y * s.float()).to(torch.bfloat16)
 
 
 @dataclass(eq=False)
@@ -377,7 +404,7 @@ class Int8Linear:
 
 class Int8(_Quantized):
     """Per-output-channel symmetric int8, one bfloat16 scale per channel: w[k, n] = q[n, k] * scale[n].
-    Computed by aten._weight_int8pack_mm, which reads 1 byte per weight."""
+    Computed by aten._weight_int8pack_mm, which reads 1 byte per weight (many rows: _int8_gemm)."""
 
     name = "int8"
 
