@@ -29,7 +29,8 @@ build with cmake (GGML_NATIVE=ON, LLAMA_CURL=OFF, GGML_CUDA=OFF, targets llama-b
 llama-quantize, -j 2); if llama-bench then dies of SIGILL, as ggml's AMX kernels do on some AMX
 machines, it is rebuilt once into build-no-amx without them and rerun. The copy built there has one
 fix (LLAMA4_PATCHED below): this llama.cpp aborts on Llama 4 models of fewer than 4 layers,
-whatever the weights. The converter runs unchanged through a wrapper written into --cache that maps the embedded tokenizer's pre-tokenizer (its hash is
+whatever the weights. The converter runs unchanged through a wrapper written into --cache that
+maps the embedded tokenizer's pre-tokenizer (its hash is
 not in llama.cpp's table) to llama.cpp's "gpt-2", the plain ByteLevel split it is; with this
 Python when it has the converter's imports, else in a venv made in --cache. GGUF files and the
 synthetic checkpoint stay in --cache for the next run (2 Scout layers: about 26 GB on disk, 9 GB
