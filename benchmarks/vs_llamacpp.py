@@ -86,8 +86,9 @@ def say(*args) -> None:
 
 
 def sh(cmd: list, *, env: dict | None = None, cwd: Path | None = None, capture: bool = False, record: bool = True,
-       check: bool = True) -> subprocess.CompletedProcess:
-    """Run one external command (logged, and kept for the list printed at the end)."""
+       check: bool = True, allow: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
+    """Run one external command (logged, and kept for the list printed at the end). check: a non-zero
+    exit ends the run, but for the return codes in `allow`, which the caller handles."""
     cmd = [str(c) for c in cmd]
     text = shlex.join(cmd)
     if env:
@@ -100,7 +101,7 @@ def sh(cmd: list, *, env: dict | None = None, cwd: Path | None = None, capture: 
     say(f"$ {text}")
     out = subprocess.run(cmd, env={**os.environ, **(env or {})}, cwd=cwd, text=True,
                          stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None)
-    if check and out.returncode != 0:
+    if check and out.returncode != 0 and out.returncode not in allow:
         if capture:
             say(out.stdout[-4000:] if out.stdout else "", out.stderr[-4000:] if out.stderr else "")
         raise SystemExit(f"failed ({out.returncode}): {text}")
@@ -207,7 +208,7 @@ def build_llama_cpp(cache: Path, amx: bool = True) -> Path:
     where they fault."""
     root = cache / "llama.cpp"
     source = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    build = root / ("build" if amx else "build-no-amx")
+    build = build_dir(cache, amx)
     if not (source / "convert_hf_to_gguf.py").is_file():
         sdist = root / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
         if not sdist.is_file():
@@ -228,6 +229,10 @@ def build_llama_cpp(cache: Path, amx: bool = True) -> Path:
                     *([] if amx else [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"])])
             sh(["cmake", "--build", build, "--config", "Release", "-j", "2", "--target", "llama-bench", "llama-quantize"])
     return source
+
+
+def build_dir(cache: Path, amx: bool = True) -> Path:
+    return cache / "llama.cpp" / ("build" if amx else "build-no-amx")
 
 
 # GCC's explicit -mno-* flags win over -march=native's, wherever they stand on the command line: with
@@ -479,18 +484,17 @@ def llama_bench(lc: LlamaCpp, gguf: Path, p: int, n: int, threads: list[int], re
     """{threads: {"pp": t/s, "tg": t/s, ...}}: the median of llama-bench's samples per test; one
     llama-bench run (-t takes the list) after its own warm-up per test."""
     cmd = ["-m", gguf, "-p", p, "-n", n, "-t", ",".join(map(str, threads)), "-r", reps, "-o", "json"]
-    out = sh([lc.bench, *cmd], capture=True, check=lc.cache is None or not lc.amx)
+    rebuildable = lc.cache is not None and lc.amx  # our own build, not yet without AMX
+    out = sh([lc.bench, *cmd], capture=True, allow=(-signal.SIGILL,) if rebuildable else ())
     if out.returncode == -signal.SIGILL:
         # Seen on a Xeon VM with AMX (oneDNN runs its AMX kernels there): ggml's AMX Q8_0 / Q4_0 kernel,
         # compiled in by -march=native, faults on tilezero. The build, not the model: rebuild without.
         say("llama-bench died of an illegal instruction (SIGILL), as ggml's AMX kernels do on some "
             f"AMX machines: rebuilding llama.cpp without them ({NO_AMX_FLAGS}) and running again")
         build_llama_cpp(lc.cache, amx=False)
-        root = lc.cache / "llama.cpp" / "build-no-amx"
+        root = build_dir(lc.cache, amx=False)
         lc.bench, lc.quantize, lc.amx = find_binary(root, "llama-bench"), find_binary(root, "llama-quantize"), False
         out = sh([lc.bench, *cmd], capture=True)
-    elif out.returncode != 0:
-        raise SystemExit(f"failed ({out.returncode}): {shlex.join(map(str, [lc.bench, *cmd]))}")
     res: dict[int, dict] = {t: {} for t in threads}
     for row in json.loads(out.stdout):
         r = res.setdefault(int(row["n_threads"]), {})

@@ -367,7 +367,7 @@ def _int8_gemm(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tens
         w = scratch[:(n1 - n0) * k].view(n1 - n0, k)
         w.copy_(q[n0:n1])
         y[:, n0:n1] = F.linear(x2, w)
-    return (y * s.float()).to(torch.bfloat16)
+    return y.mul_(s.float()).to(torch.bfloat16)
 
 
 @dataclass(eq=False)
