@@ -1,7 +1,7 @@
 """Expert formats on the CPU, one run: speed, size and quality of every format, and the options
 behind the choices in model/formats.py. Prints markdown tables.
 
-    python benchmarks/formats_cpu.py [--threads 2] [--reps 5] [--sections speed,quality,int2,fp8,kernels,int8-rows]
+    python benchmarks/formats_cpu.py [--threads 2] [--reps 5] [--sections speed,quality,int2,fp8,kernels,int8-rows,int4-rows]
 
 speed    one Scout-shaped expert (D=5120, F=8192: gate_up [5120, 16384], down [8192, 5120]), random
          bf16 weights (std 0.02), one token: seconds per expert call (best of --reps) and weight GB/s
@@ -19,6 +19,7 @@ fp8      ways to multiply by fp8 weights (Scout's gate_up, one token): torch's o
          256-entry lookup table, the float16 bit trick whole and by chunk size, torch._scaled_mm.
 kernels  the int8 / int4 kernels with float32 activations: their float32 code vs rounding to bf16.
 int8-rows  the int8 kernel vs a bf16 GEMM over converted weights, by rows (where INT8_GEMM_ROWS comes from).
+int4-rows  the int4 kernel vs a bf16 GEMM over unpacked weights, by rows (where INT4_GEMM_ROWS comes from).
 """
 
 from __future__ import annotations
@@ -313,8 +314,25 @@ def int8_rows(args) -> None:
         print(f"| {rows} | {a * 1e3:.1f} | {b * 1e3:.1f} | {a / b:.2f} |")
 
 
+def int4_rows(args) -> None:
+    """Where fm.INT4_GEMM_ROWS comes from: the int4 kernel against the unpacked-weights GEMM, by rows."""
+    g = torch.Generator().manual_seed(0)
+    k, n = D, 2 * FF
+    m = fm.Int4Linear.quantize(torch.randn(n, k, generator=g) * 0.02)
+    block = fm._int4_layout()[1]
+    print(f"\n### int4 on [{n} x {k}] by rows: the weight-only kernel vs bf16 GEMM over unpacked weights "
+          f"(model/formats.py _int4_gemm; used from {fm.INT4_GEMM_ROWS} rows)\n")
+    print("| rows | kernel ms | GEMM ms | kernel / GEMM |")
+    print("|---|---|---|---|")
+    for rows in (1, 16, 32, 64, 96, 128, 256, 512):
+        x = torch.randn(rows, k, generator=g).bfloat16()
+        a = best_of(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, m.packed, k // m.sz.shape[0], m.sz), args.reps)
+        b = best_of(lambda: fm._int4_gemm(x, m.packed, m.sz, block), args.reps)
+        print(f"| {rows} | {a * 1e3:.1f} | {b * 1e3:.1f} | {a / b:.2f} |")
+
+
 SECTIONS = {"speed": speed, "quality": quality, "int2": int2_paths, "fp8": fp8_paths, "kernels": kernels,
-            "int8-rows": int8_rows}
+            "int8-rows": int8_rows, "int4-rows": int4_rows}
 
 
 def main() -> None:
@@ -323,7 +341,7 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5, help="repetitions per timing; the best is reported")
     ap.add_argument("--tokens", type=int, default=1, help="tokens per expert call")
-    ap.add_argument("--sections", default="speed,quality,int2,fp8,kernels,int8-rows", help=f"comma list of {', '.join(SECTIONS)}")
+    ap.add_argument("--sections", default="speed,quality,int2,fp8,kernels,int8-rows,int4-rows", help=f"comma list of {', '.join(SECTIONS)}")
     ap.add_argument("--hidden", type=int, default=D)
     ap.add_argument("--inter", type=int, default=FF)
     args = ap.parse_args()

@@ -356,3 +356,30 @@ def test_int8_many_rows_go_through_a_bf16_gemm_with_the_kernels_numbers(monkeypa
         assert ((y - kernel).norm() / kernel.norm()) < 8e-3
         if rows < fm.INT8_GEMM_ROWS:
             assert torch.equal(y, kernel)  # below the threshold: the kernel itself
+
+
+def test_int4_many_rows_go_through_a_bf16_gemm_with_the_kernels_numbers(monkeypatch):
+    """From INT4_GEMM_ROWS rows on, int4 weights are unpacked from the kernel's own layout into bf16 and
+    multiplied by a GEMM: the kernel's result but for the weights' bf16 rounding, over every chunk of
+    output blocks (the last one partial) and for a strided input; a matrix whose channels do not fill
+    whole blocks stays on the kernel."""
+    style, block = fm._int4_layout()
+    if style != "halves":
+        pytest.skip(f"this CPU's int4 layout is {style}{block}: the kernel computes every row count")
+    g = torch.Generator().manual_seed(4)
+    k = 256
+    monkeypatch.setattr(fm, "INT8_GEMM_CHUNK_BYTES", 3 * block * 2 * k)  # chunks of 3 blocks
+    for n in (7 * block, 7 * block + 32):
+        m = fm.Int4Linear.quantize(torch.randn(n, k, generator=g) * 0.02)
+        ref_w = fm._affine(fm._int4_unpack(m.packed, (style, block)), m.sz)
+        for rows in (fm.INT4_GEMM_ROWS - 1, fm.INT4_GEMM_ROWS, 150):
+            x = torch.randn(rows, 2 * k, generator=g).bfloat16()[:, ::2]
+            y = m(x).float()
+            ref = x.float() @ ref_w
+            assert ((y - ref).norm() / ref.norm()) < 1e-2
+            kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), m.packed, k // m.sz.shape[0], m.sz).float()
+            assert ((y - kernel).norm() / kernel.norm()) < 1e-2
+            if rows < fm.INT4_GEMM_ROWS or n % block:
+                assert torch.equal(y, kernel)  # the kernel itself
+            else:
+                assert not torch.equal(y, kernel)  # the GEMM did run

@@ -54,6 +54,28 @@ def test_offloaded_quantized_experts_equal_resident(tiny, resident, tmp_path, na
             llm.close()
 
 
+
+@pytest.mark.parametrize("name,fmt,resident_dtype", [("scout", "int8", "int8"), ("maverick", "int4", "auto")])
+def test_long_prompt_offloaded_equals_resident_where_many_rows_take_the_gemm(tiny, tmp_path, name, fmt, resident_dtype):
+    """A prompt long enough that experts see more rows than INT8_GEMM_ROWS / INT4_GEMM_ROWS (the bf16
+    GEMM path; the tiny model's 80-wide shared expert cannot be int4): offloaded logits still equal
+    resident ones."""
+    from moestream.model import formats as fm
+
+    prompt = torch.randint(3, VOCAB, (300,), generator=torch.Generator().manual_seed(14))
+    assert len(prompt) >= 4 * max(fm.INT8_GEMM_ROWS, fm.INT4_GEMM_ROWS)  # 4 experts, top-1: some expert gets enough
+    resident = moestream.load(tiny(name)[0], expert_dtype=fmt, resident_dtype=resident_dtype)
+    eb = resident.plan.expert_bytes
+    expected = resident.logits(prompt)
+    resident.close()
+    llm = moestream.load(tiny(name)[0], expert_dtype=fmt, resident_dtype=resident_dtype, expert_cache=eb, expert_dir=tmp_path,
+                         cpu_experts="never", cpu_mem=0)
+    try:
+        assert not llm.plan.resident
+        assert torch.equal(llm.logits(prompt), expected)
+    finally:
+        llm.close()
+
 def test_host_disk_and_link_bytes_shrink_by_the_format(tiny, tmp_path):
     path = tiny("maverick")[0]
     sizes = {}

@@ -589,10 +589,57 @@ def _int4_pack(rows, packed: torch.Tensor, sz: torch.Tensor, symmetric: bool = F
 
 
 def _int4_matmul(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ W for W in the int4 kernel's packing, on the CPU (bf16 activations)."""
+    """x [..., K] @ W for W in the int4 kernel's packing, on the CPU (bf16 activations): up to
+    INT4_GEMM_ROWS - 1 rows by the kernel, whose time grows with every row; from INT4_GEMM_ROWS rows
+    on, where the layout allows, as a bf16 GEMM over the weights unpacked a chunk at a time."""
     k = packed.shape[1] * 2
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(_kernel_rows(x, k), packed, k // sz.shape[0], sz)
+    x2 = _kernel_rows(x, k)
+    style, block = _int4_layout()
+    if x2.shape[0] >= INT4_GEMM_ROWS and style == "halves" and packed.shape[0] % block == 0:
+        y = _int4_gemm(x2, packed, sz, block)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, k // sz.shape[0], sz)
     return y.view(*x.shape[:-1], packed.shape[0]).to(x.dtype)
+
+
+# Rows from which _int4_gemm beats the kernel. Scout's gate_up [16384, 5120], Xeon VM with AMX, 2
+# threads: kernel 31 / 63 / 91 / 124 / 479 ms at 32 / 64 / 96 / 128 / 512 rows, the GEMM 57 / 57 / 60
+# / 62 / 123 ms; down [5120, 8192] and a [1024, 5120] cross over at the same 64 rows
+# (benchmarks/formats_cpu.py --sections int4-rows prints both on any machine). Unpacking costs
+# several passes per weight where int8's conversion costs one, hence the later crossover.
+INT4_GEMM_ROWS = 64
+
+
+def _int4_gemm(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, block: int) -> torch.Tensor:
+    """x2 [T, K] bf16 @ W for many rows. The kernel's layout keeps W^T in blocks of `block` output
+    channels, [K, block / 2] bytes each, a byte holding channel j (low nibble) and j + block / 2 (high):
+    a chunk of blocks unpacks with two contiguous passes into a reused [K, channels] bf16 scratch,
+    becomes weights as q * scale + (zero - 8 * scale) in one more, and is one bf16 GEMM (oneDNN, AMX
+    where there is one). The weights are rounded to bf16, and zero - 8 * scale with them: about 2^-8
+    relative to the kernel's result, far below int4's quantization error."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    half, groups = block // 2, sz.shape[0]
+    blocks = max(1, INT8_GEMM_CHUNK_BYTES // (2 * k * block))
+    scratch = _scratch_buffer(blocks * block * k, torch.bfloat16, packed.device)
+    codes = _scratch_buffer(blocks * half * k, torch.uint8, packed.device)
+    by_block = packed.view(n // block, k, half)
+    minus8 = torch.tensor(-8.0, dtype=torch.bfloat16)
+    y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16, device=x2.device)
+    for b0 in range(0, n // block, blocks):
+        b1 = min(n // block, b0 + blocks)
+        n0, n1 = b0 * block, b1 * block
+        w = scratch[:(n1 - n0) * k].view(k, b1 - b0, 2, half)
+        c = codes[:(b1 - b0) * half * k].view(b1 - b0, k, half)
+        torch.bitwise_and(by_block[b0:b1], 15, out=c)
+        w[:, :, 0].copy_(c.transpose(0, 1))
+        torch.bitwise_right_shift(by_block[b0:b1], 4, out=c)
+        w[:, :, 1].copy_(c.transpose(0, 1))
+        scale = sz[:, n0:n1, 0].contiguous()
+        zero = torch.addcmul(sz[:, n0:n1, 1], scale, minus8)
+        by_group = w.view(groups, k // groups, n1 - n0)
+        torch.addcmul(zero[:, None], by_group, scale[:, None], out=by_group)
+        y[:, n0:n1] = x2 @ w.view(k, n1 - n0)
+    return y
 
 
 @dataclass(eq=False)
