@@ -26,8 +26,9 @@ llama.cpp: --llama-cpp DIR (a tree with convert_hf_to_gguf.py, gguf-py/ and llam
 llama-quantize in build/bin, bin or the top), else built once into --cache/llama.cpp from the
 llama-cpp-python sdist (0.3.36 vendors llama.cpp at 0c1e57098): pip download, then a CPU Release
 build with cmake (GGML_NATIVE=ON, LLAMA_CURL=OFF, GGML_CUDA=OFF, targets llama-bench and
-llama-quantize, -j 2); if llama-bench then dies of SIGILL, as ggml's AMX kernels do on some AMX
-machines, it is rebuilt once into build-no-amx without them and rerun. The copy built there has one
+llama-quantize, -j 2); if llama-bench then dies of SIGILL or SIGSEGV, as ggml's AMX kernels do on
+some AMX machines (a Xeon VM: SIGILL at pp64, SIGSEGV at pp512), it is rebuilt once into build-no-amx
+without them and rerun. The copy built there has one
 fix (LLAMA4_PATCHED below): this llama.cpp aborts on Llama 4 models of fewer than 4 layers,
 whatever the weights. The converter runs unchanged through a wrapper written into --cache that
 maps the embedded tokenizer's pre-tokenizer (its hash is
@@ -485,11 +486,13 @@ def llama_bench(lc: LlamaCpp, gguf: Path, p: int, n: int, threads: list[int], re
     llama-bench run (-t takes the list) after its own warm-up per test."""
     cmd = ["-m", gguf, "-p", p, "-n", n, "-t", ",".join(map(str, threads)), "-r", reps, "-o", "json"]
     rebuildable = lc.cache is not None and lc.amx  # our own build, not yet without AMX
-    out = sh([lc.bench, *cmd], capture=True, allow=(-signal.SIGILL,) if rebuildable else ())
-    if out.returncode == -signal.SIGILL:
+    crashes = {-signal.SIGILL: "an illegal instruction (SIGILL)", -signal.SIGSEGV: "a segmentation fault (SIGSEGV)"}
+    out = sh([lc.bench, *cmd], capture=True, allow=tuple(crashes) if rebuildable else ())
+    if out.returncode in crashes:
         # Seen on a Xeon VM with AMX (oneDNN runs its AMX kernels there): ggml's AMX Q8_0 / Q4_0 kernel,
-        # compiled in by -march=native, faults on tilezero. The build, not the model: rebuild without.
-        say("llama-bench died of an illegal instruction (SIGILL), as ggml's AMX kernels do on some "
+        # compiled in by -march=native, faults on tilezero at pp64 and segfaults at pp512, where the
+        # build without them runs. The build, not the model: rebuild without.
+        say(f"llama-bench died of {crashes[out.returncode]}, as ggml's AMX kernels do on some "
             f"AMX machines: rebuilding llama.cpp without them ({NO_AMX_FLAGS}) and running again")
         build_llama_cpp(lc.cache, amx=False)
         root = build_dir(lc.cache, amx=False)
