@@ -165,6 +165,9 @@ class RuntimeConfig:
                                  f"maximum, at most {DEFAULT_CTX}.")
     threads: int = setting(0, "-t", "--threads", parse=thread_count,
                            help="CPU threads, at most the CPUs this process may use (0 = torch's default).")
+    cuda_graphs: bool = setting(True, "--enforce-eager", switch=True, on=False,
+                                help="On CUDA, decode op by op instead of replaying each layer's fixed-shape parts as "
+                                     "CUDA graphs (as vLLM's flag). A profiled run always decodes op by op.")
     # --- expert offload: placement and budgets ---
     gpu_mem: int | None = setting(None, "--gpu-mem", parse=size,
                                   help="Compute-device budget: resident weights + KV + expert cache, in bytes with a "

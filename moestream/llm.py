@@ -84,6 +84,11 @@ class LLM:
         self.model = Llama4(c, weights, self.experts, self.device, self.dtype, rec=self.rec,
                             on_route=self.trace.hook if self.trace else None,
                             image_token_id=p.vision.image_token_id if p.vision else None)
+        # one-token steps as replayed CUDA graphs (model/graphs.py), captured now, before any step runs;
+        # not profiled runs, whose spans time each op
+        self.graph_note = None
+        if self.device.type == "cuda" and runtime.cuda_graphs and runtime.profile is None:
+            self.graph_note = self.model.capture_graphs()
         self.profile = Profile(runtime.profile, self.rec, self.experts, weights.nbytes) if runtime.profile is not None else None
         self.generator = Generator(self.model, runtime.ubatch, self.rec, self.trace, self.profile)
         has_tokenizer = (Path(runtime.model) / "tokenizer.json").exists()
@@ -104,7 +109,7 @@ class LLM:
     def notes(self) -> list[str]:
         seeing = [f"vision tower loaded ({fmt_bytes(self.vision.nbytes)} on {self.device}): images work; --no-vision "
                   "skips it"] if self.vision is not None else []
-        return self.checkpoint.notes + seeing
+        return self.checkpoint.notes + seeing + ([self.graph_note] if self.graph_note else [])
 
     # --- sequences ---------------------------------------------------------------------------------
     def new_sequence(self) -> Sequence:

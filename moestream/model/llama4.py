@@ -30,6 +30,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .experts import ExpertSource
 from .formats import Int4Linear, Int8Linear, PackedLinear, prepacks
+from .graphs import CaptureFailed, StepGraphs
 
 
 # --- building blocks (shape-agnostic in the leading dimensions) ----------------------------------
@@ -217,6 +218,7 @@ class Llama4:
         self.rec = rec
         self.resident_bytes = weights.nbytes
         self.position_tables: dict[int, tuple] = {}  # block start -> (positions, RoPE rotations, NoPE temperatures)
+        self.graphs: StepGraphs | None = None  # the one-token step's parts, once capture_graphs built them
 
     POSITION_BLOCK = 1024
     POSITION_TABLES = 16  # blocks kept (sequences of a batch may sit at different positions)
@@ -247,6 +249,8 @@ class Llama4:
         """Logits (float32) for token ids [T] continuing `cache` (a KVCache: its `pos` and one cache per
         layer; None = a fresh sequence, no cache). images: early fusion, the projected image embeddings
         [P, D] that take the places of the P <|patch|> tokens of ids, in order (model/vision.py)."""
+        if self.graphs is not None and ids.shape[0] == 1 and cache is not None and images is None:
+            return self.graphed_step(ids, cache)
         rec = self.rec  # profiling: rec.mark() reads the clock, rec.add(span) keeps one (builtins; no-ops when off)
         t = rec.mark()
         pos0 = cache.pos if cache is not None else 0
@@ -337,6 +341,11 @@ class Llama4:
         return outs
 
     def attention(self, x, block: Block, pos0: int, positions, rotations, temperature, layer_cache) -> torch.Tensor:
+        q, k, v = self.qkv(x, block, rotations, temperature)
+        return linear(self.attend(q, k, v, block, pos0, positions, layer_cache), block.attn.o)
+
+    def qkv(self, x, block: Block, rotations, temperature):
+        """Queries, keys and values of x [T, D], positions applied: RoPE and QK-norm, or the NoPE temperature."""
         c, w, T = self.config, block.attn, x.shape[0]
         H, Hkv = c.num_attention_heads, c.num_key_value_heads
         qkv = linear(x, w.qkv).view(T, H + 2 * Hkv, c.head_dim)  # heads: queries | keys | values
@@ -349,28 +358,37 @@ class Llama4:
         q, k = qk[:, :H], qk[:, H:]
         if not rope and c.attn_temperature_tuning:
             q = (q * temperature).to(q.dtype)
+        return q, k, v
 
+    def attend(self, q, k, v, block: Block, pos0: int, positions, layer_cache) -> torch.Tensor:
         if layer_cache is not None:  # the cache stores k/v and attends over whatever tiers hold them
-            out = layer_cache.attend(q, k, v, pos0, positions)
-        else:
-            out = attend(q, k, v, positions, pos0, c.attention_chunk_size if rope else None)
-        return linear(out, w.o)
+            return layer_cache.attend(q, k, v, pos0, positions)
+        chunk = self.config.attention_chunk_size if self.config.uses_rope(block.index) else None
+        return attend(q, k, v, positions, pos0, chunk)
 
     def moe(self, x: torch.Tensor, block: Block) -> torch.Tensor:
         ffn: MoEWeights = block.ffn
         rec, layer = self.rec, block.index
         t = rec.mark()
         top_experts, scores, _ = route(x, ffn.router, self.config.num_experts_per_tok)
-        if self.on_route is not None:
-            self.on_route((layer, top_experts, scores))
-        # tell the expert source everything this step needs first: it starts every copy, and
-        # answers with the order to compute in (experts already in place first)
-        chosen = top_experts[0].tolist() if x.shape[0] == 1 else top_experts.unique().tolist()
-        wanted = self.experts.prepare(layer, chosen, x)
+        wanted = self.choose(x, block, top_experts, scores)
         t_router = rec.mark()
         rec.add(("router", t, t_router, layer))
         out = swiglu(x, ffn.shared.gate_up, ffn.shared.down)
         rec.add(("shared expert", t_router, rec.mark(), layer))
+        return self.routed(x, block, top_experts, scores, wanted, out)
+
+    def choose(self, x: torch.Tensor, block: Block, top_experts: torch.Tensor, scores: torch.Tensor) -> list[int]:
+        """Tell the expert source everything this step needs first: it starts every copy, and answers
+        with the order to compute in (experts already in place first)."""
+        if self.on_route is not None:
+            self.on_route((block.index, top_experts, scores))
+        chosen = top_experts[0].tolist() if x.shape[0] == 1 else top_experts.unique().tolist()
+        return self.experts.prepare(block.index, chosen, x)
+
+    def routed(self, x: torch.Tensor, block: Block, top_experts, scores, wanted: list[int], out: torch.Tensor) -> torch.Tensor:
+        """out (the shared expert's) plus each token's routed experts, computed in the order `wanted`."""
+        rec, layer = self.rec, block.index
         for e in wanted:
             expert = self.experts.get(layer, e)  # the only place routed weights are touched
             t = rec.mark()
@@ -381,3 +399,71 @@ class Llama4:
                 out.index_add_(0, rows, expert(x[rows] * scores[rows, slots, None]))
             rec.add(("expert", t, rec.mark(), (layer, e, "CPU experts" if expert.on_cpu else "compute")))
         return out
+
+    # --- the one-token step as replayed parts (model/graphs.py) ------------------------------------
+    @torch.inference_mode()
+    def capture_graphs(self, capture: bool = True) -> str | None:
+        """Build the one-token step's fixed-shape parts: CUDA graphs, or (capture=False) their CPU twin.
+        None when built (later one-token steps replay them), else the note saying why not."""
+        c = self.config
+        x = torch.zeros(1, c.hidden_size, device=self.device, dtype=self.dtype)
+        out = torch.zeros(1, c.num_attention_heads * c.head_dim, device=self.device, dtype=self.dtype)
+        _, rotations, temperature = self.positions(0, 1)
+        graphs = StepGraphs(capture)
+        try:
+            graphs.build(self._graph_parts(x, out, rotations, temperature))
+        except CaptureFailed as e:
+            return f"CUDA graphs off, decoding op by op ({e}); --enforce-eager skips trying"
+        self.graphs = graphs
+        return None
+
+    def _graph_parts(self, x, out, rotations, temperature) -> list:
+        eps, top_k = self.config.rms_norm_eps, self.config.num_experts_per_tok
+        parts = []
+        for b in self.blocks:
+            def qkv(x, rotations, temperature, b=b):
+                return self.qkv(rms_norm(x, b.attn_norm, eps), b, rotations, temperature)
+
+            def after_attention(x, out, b=b):
+                return x + linear(out, b.attn.o)
+
+            parts.append(((b.index, "qkv"), qkv, (x, rotations, temperature)))
+            if isinstance(b.ffn, MoEWeights):
+                def route_part(x, out, b=b, after=after_attention):
+                    x = after(x, out)
+                    h = rms_norm(x, b.ffn_norm, eps)
+                    return (x, h, *route(h, b.ffn.router, top_k)[:2])
+
+                def shared(h, b=b):
+                    return swiglu(h, b.ffn.shared.gate_up, b.ffn.shared.down)
+
+                parts += [((b.index, "route"), route_part, (x, out)), ((b.index, "shared"), shared, (x,))]
+            else:
+                def mlp(x, out, b=b, after=after_attention):
+                    x = after(x, out)
+                    return x + swiglu(rms_norm(x, b.ffn_norm, eps), b.ffn.gate_up, b.ffn.down)
+
+                parts.append(((b.index, "mlp"), mlp, (x, out)))
+        parts.append(("head", lambda x: linear(rms_norm(x, self.norm, eps), self.lm_head).float(), (x,)))
+        return parts
+
+    def graphed_step(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """forward() of one token through the parts: the same ops in the same order, attention and the
+        routed experts eager between them. Not profiled: a profiled run decodes op by op."""
+        g, pos0 = self.graphs, cache.pos
+        positions, rotations, temperature = self.positions(pos0, 1)
+        x = F.embedding(ids.to(self.device), self.embed)
+        for block in self.blocks:
+            i = block.index
+            q, k, v = g((i, "qkv"), x, rotations, temperature)
+            out = self.attend(q, k, v, block, pos0, positions, cache.layers[i])
+            if isinstance(block.ffn, MoEWeights):
+                x, h, top_experts, scores = g((i, "route"), x, out)
+                if self.on_route is not None:  # the trace keeps them: not the graph's own tensors
+                    top_experts, scores = top_experts.clone(), scores.clone()
+                wanted = self.choose(h, block, top_experts, scores)
+                x = x + self.routed(h, block, top_experts, scores, wanted, g((i, "shared"), h))
+            else:
+                x = g((i, "mlp"), x, out)
+        cache.pos += 1
+        return g("head", x).clone()
