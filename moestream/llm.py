@@ -305,6 +305,7 @@ class LLM:
             self.profile.write(self.stats(), self.facts())
             self.profile = None
         self.reset()
+        self.model.graphs = None  # their memory pool goes with them
         self.experts.close()
         if self.trace is not None:
             self.trace.close()

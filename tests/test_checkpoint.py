@@ -180,18 +180,18 @@ def test_interrupted_step_drops_the_cache(tiny):
     params = SamplingParams(temperature=0, max_tokens=5)
     clean = llm.generate_ids([1, 5, 6, 7], params, stop_ids=set())
     calls = {"n": 0}
-    real_moe = llm.model.moe
+    real_routed = llm.model.routed  # the routed experts: eager in every step, CUDA graphs or not
 
-    def flaky(x, block):
+    def flaky(*args):
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt
-        return real_moe(x, block)
+        return real_routed(*args)
 
     llm.reset()
-    llm.model.moe = flaky
+    llm.model.routed = flaky
     with pytest.raises(KeyboardInterrupt):
         llm.generate_ids([1, 5, 6, 7], params, stop_ids=set())
-    llm.model.moe = real_moe
+    llm.model.routed = real_routed
     assert llm.stats().kv.tokens == 0
     assert llm.generate_ids([1, 5, 6, 7], params, stop_ids=set()) == clean

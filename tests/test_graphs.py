@@ -29,12 +29,12 @@ def test_split_step_decodes_the_eager_steps_bits(tiny, tmp_path, name):
     """MoE and dense layers, RoPE and NoPE, chunked and global attention; resident and offloaded
     experts (one slot, disk tier)."""
     path = tiny(name)[0]
-    eager = moestream.load(path)
+    eager = moestream.load(path, device="cpu", cuda_graphs=False)
     expected, whole = eager.decode_logits(PROMPT), eager.logits(PROMPT)
     eb = eager.plan.expert_bytes
     eager.close()
     for kw in ({}, dict(expert_cache=eb, cpu_mem=0, expert_dir=tmp_path, cpu_experts="never")):
-        llm = moestream.load(path, **kw)
+        llm = moestream.load(path, device="cpu", **kw)
         try:
             calls = twin(llm)
             assert torch.equal(llm.decode_logits(PROMPT), expected), kw
@@ -53,7 +53,7 @@ def test_the_routing_trace_keeps_each_steps_own_answers(tiny, tmp_path):
     path, traces = tiny("maverick")[0], []
     for split in (False, True):
         trace = tmp_path / f"{split}.jsonl"
-        llm = moestream.load(path, record_routing=trace)
+        llm = moestream.load(path, device="cpu", record_routing=trace)
         if split:
             twin(llm)
         llm.decode_logits(PROMPT)
@@ -63,7 +63,7 @@ def test_the_routing_trace_keeps_each_steps_own_answers(tiny, tmp_path):
 
 
 def test_graphed_tokens_equal_eager_tokens_in_a_chat_reply(tiny):
-    llm = moestream.load(tiny("scout")[0])
+    llm = moestream.load(tiny("scout")[0], device="cpu")
     params = SamplingParams(temperature=0, max_tokens=12)
     prompt = PROMPT[:20].tolist()
     expected = llm.generate_ids(prompt, params, stop_ids=set())
@@ -76,7 +76,7 @@ def test_graphed_tokens_equal_eager_tokens_in_a_chat_reply(tiny):
 def test_a_capture_that_fails_leaves_the_eager_step_and_says_so(tiny, monkeypatch):
     """Where capturing fails (here: a torch without CUDA, or a part that raises) nothing is kept, the
     note names the cause and the flag, and decoding works as before."""
-    llm = moestream.load(tiny("scout")[0])
+    llm = moestream.load(tiny("scout")[0], device="cpu")
     expected = llm.decode_logits(PROMPT[:10])
     if not torch.cuda.is_available():
         note = llm.model.capture_graphs(capture=True)
@@ -87,7 +87,7 @@ def test_a_capture_that_fails_leaves_the_eager_step_and_says_so(tiny, monkeypatc
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
-        self.fn, self.inputs, self.graph = fn, args, None
+        self.fn, self.inputs, self.graph, self.outputs = fn, args, None, None
 
     monkeypatch.setattr(graphs.Part, "__init__", fails_on_the_third)
     note = llm.model.capture_graphs(capture=False)
@@ -103,6 +103,20 @@ def test_enforce_eager_is_a_setting_and_a_cpu_run_captures_nothing(tiny):
 
     assert RuntimeConfig.build().cuda_graphs is True
     assert RuntimeConfig.build(cuda_graphs=False).cuda_graphs is False
-    llm = moestream.load(tiny("scout")[0])
+    llm = moestream.load(tiny("scout")[0], device="cpu")
     assert llm.model.graphs is None and llm.graph_note is None  # on the CPU the step stays eager
     llm.close()
+
+
+def test_a_closed_model_with_its_parts_is_freed_at_once(tiny):
+    """The parts hold weights, not the model: no reference cycle, so a closed model (and on a GPU its
+    graphs' memory pool) goes when the last reference does, though load() freezes the collector."""
+    import weakref
+
+    llm = moestream.load(tiny("scout")[0], device="cpu")
+    twin(llm)
+    llm.decode_logits(PROMPT[:3])
+    model = weakref.ref(llm.model)
+    llm.close()
+    del llm
+    assert model() is None

@@ -101,6 +101,22 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int):
     return top_experts, scores, logits
 
 
+def project_qkv(c: ModelConfig, x: torch.Tensor, block: "Block", rotations, temperature):
+    """Queries, keys and values of x [T, D], positions applied: RoPE and QK-norm, or the NoPE temperature."""
+    T, H, Hkv = x.shape[0], c.num_attention_heads, c.num_key_value_heads
+    qkv = linear(x, block.attn.qkv).view(T, H + 2 * Hkv, c.head_dim)  # heads: queries | keys | values
+    qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
+    rope = c.uses_rope(block.index)
+    if rope:  # RoPE and QK-norm act per head alike on queries and keys: one call for both
+        qk = apply_rope(qk, rotations)
+        if c.use_qk_norm:
+            qk = rms_norm(qk, None, c.rms_norm_eps)
+    q, k = qk[:, :H], qk[:, H:]
+    if not rope and c.attn_temperature_tuning:
+        q = (q * temperature).to(q.dtype)
+    return q, k, v
+
+
 # --- weights -------------------------------------------------------------------------------------
 # A matrix below is a tensor at the compute dtype, with --resident-dtype int8 / int4 an Int8Linear /
 # Int4Linear, or in bf16 on the CPU a PackedLinear (embeddings, norms and routers always stay
@@ -341,24 +357,8 @@ class Llama4:
         return outs
 
     def attention(self, x, block: Block, pos0: int, positions, rotations, temperature, layer_cache) -> torch.Tensor:
-        q, k, v = self.qkv(x, block, rotations, temperature)
+        q, k, v = project_qkv(self.config, x, block, rotations, temperature)
         return linear(self.attend(q, k, v, block, pos0, positions, layer_cache), block.attn.o)
-
-    def qkv(self, x, block: Block, rotations, temperature):
-        """Queries, keys and values of x [T, D], positions applied: RoPE and QK-norm, or the NoPE temperature."""
-        c, w, T = self.config, block.attn, x.shape[0]
-        H, Hkv = c.num_attention_heads, c.num_key_value_heads
-        qkv = linear(x, w.qkv).view(T, H + 2 * Hkv, c.head_dim)  # heads: queries | keys | values
-        qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
-        rope = c.uses_rope(block.index)
-        if rope:  # RoPE and QK-norm act per head alike on queries and keys: one call for both
-            qk = apply_rope(qk, rotations)
-            if c.use_qk_norm:
-                qk = rms_norm(qk, None, c.rms_norm_eps)
-        q, k = qk[:, :H], qk[:, H:]
-        if not rope and c.attn_temperature_tuning:
-            q = (q * temperature).to(q.dtype)
-        return q, k, v
 
     def attend(self, q, k, v, block: Block, pos0: int, positions, layer_cache) -> torch.Tensor:
         if layer_cache is not None:  # the cache stores k/v and attends over whatever tiers hold them
@@ -405,32 +405,48 @@ class Llama4:
     def capture_graphs(self, capture: bool = True) -> str | None:
         """Build the one-token step's fixed-shape parts: CUDA graphs, or (capture=False) their CPU twin.
         None when built (later one-token steps replay them), else the note saying why not."""
+        self.graphs = None
         c = self.config
+        if capture and any(isinstance(m, (Int8Linear, Int4Linear)) for m in self._matrices()):
+            return ("CUDA graphs off with --resident-dtype int8 / int4: on a GPU each call dequantizes a whole matrix, "
+                    "and a graph's memory pool would hold those copies for good")
         x = torch.zeros(1, c.hidden_size, device=self.device, dtype=self.dtype)
         out = torch.zeros(1, c.num_attention_heads * c.head_dim, device=self.device, dtype=self.dtype)
-        _, rotations, temperature = self.positions(0, 1)
         graphs = StepGraphs(capture)
         try:
-            graphs.build(self._graph_parts(x, out, rotations, temperature))
+            graphs.build(self._graph_parts(x, out, *self.positions(0, 1)[1:]))
         except CaptureFailed as e:
             return f"CUDA graphs off, decoding op by op ({e}); --enforce-eager skips trying"
         self.graphs = graphs
         return None
 
+    def _matrices(self):
+        for b in self.blocks:
+            mlp = b.ffn.shared if isinstance(b.ffn, MoEWeights) else b.ffn
+            yield from (b.attn.qkv, b.attn.o, mlp.gate_up, mlp.down)
+        yield self.lm_head
+
+    def _position_input(self, block: Block, rotations, temperature):
+        """What a layer's qkv part takes besides x: RoPE rotations, the NoPE temperature, or nothing."""
+        c = self.config
+        if c.uses_rope(block.index):
+            return (rotations,)
+        return (temperature,) if c.attn_temperature_tuning else ()
+
     def _graph_parts(self, x, out, rotations, temperature) -> list:
-        eps, top_k = self.config.rms_norm_eps, self.config.num_experts_per_tok
+        """(key, function, example inputs) of every part, in step order. The functions hold the weights
+        and the config, not the model (which holds them: no reference cycle keeps a closed model alive)."""
+        c = self.config
+        eps, top_k = c.rms_norm_eps, c.num_experts_per_tok
         parts = []
         for b in self.blocks:
-            def qkv(x, rotations, temperature, b=b):
-                return self.qkv(rms_norm(x, b.attn_norm, eps), b, rotations, temperature)
+            def qkv(x, position=None, b=b):  # position: the layer's rotations or temperature, whichever it uses
+                return project_qkv(c, rms_norm(x, b.attn_norm, eps), b, position, position)
 
-            def after_attention(x, out, b=b):
-                return x + linear(out, b.attn.o)
-
-            parts.append(((b.index, "qkv"), qkv, (x, rotations, temperature)))
+            parts.append(((b.index, "qkv"), qkv, (x, *self._position_input(b, rotations, temperature))))
             if isinstance(b.ffn, MoEWeights):
-                def route_part(x, out, b=b, after=after_attention):
-                    x = after(x, out)
+                def route_part(x, out, b=b):
+                    x = x + linear(out, b.attn.o)
                     h = rms_norm(x, b.ffn_norm, eps)
                     return (x, h, *route(h, b.ffn.router, top_k)[:2])
 
@@ -439,12 +455,13 @@ class Llama4:
 
                 parts += [((b.index, "route"), route_part, (x, out)), ((b.index, "shared"), shared, (x,))]
             else:
-                def mlp(x, out, b=b, after=after_attention):
-                    x = after(x, out)
+                def mlp(x, out, b=b):
+                    x = x + linear(out, b.attn.o)
                     return x + swiglu(rms_norm(x, b.ffn_norm, eps), b.ffn.gate_up, b.ffn.down)
 
                 parts.append(((b.index, "mlp"), mlp, (x, out)))
-        parts.append(("head", lambda x: linear(rms_norm(x, self.norm, eps), self.lm_head).float(), (x,)))
+        norm, head = self.norm, self.lm_head
+        parts.append(("head", lambda x: linear(rms_norm(x, norm, eps), head).float(), (x,)))
         return parts
 
     def graphed_step(self, ids: torch.Tensor, cache) -> torch.Tensor:
@@ -455,11 +472,11 @@ class Llama4:
         x = F.embedding(ids.to(self.device), self.embed)
         for block in self.blocks:
             i = block.index
-            q, k, v = g((i, "qkv"), x, rotations, temperature)
+            q, k, v = g((i, "qkv"), x, *self._position_input(block, rotations, temperature))
             out = self.attend(q, k, v, block, pos0, positions, cache.layers[i])
             if isinstance(block.ffn, MoEWeights):
                 x, h, top_experts, scores = g((i, "route"), x, out)
-                if self.on_route is not None:  # the trace keeps them: not the graph's own tensors
+                if self.on_route is not None:  # the trace keeps them: not the parts' own tensors
                     top_experts, scores = top_experts.clone(), scores.clone()
                 wanted = self.choose(h, block, top_experts, scores)
                 x = x + self.routed(h, block, top_experts, scores, wanted, g((i, "shared"), h))
