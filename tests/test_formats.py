@@ -273,15 +273,22 @@ def test_16_bit_experts_on_the_cpu_are_stored_output_major():
 
 
 # --- oneDNN's layout for resident bf16 matrices on the CPU (PackedLinear) -------------------------------
-needs_onednn_bf16 = pytest.mark.skipif(not fm.prepacks(torch.bfloat16, "cpu"),
-                                       reason="no packing here: this CPU's oneDNN has no bf16 kernels, or may take AMX")
+needs_onednn_bf16 = pytest.mark.skipif(not fm.prepacks(torch.bfloat16, "cpu", expert=True),
+                                       reason="no packed experts here: this CPU's oneDNN has no bf16 kernels, or may "
+                                              "take AMX")
 
 
-def test_no_packing_where_onednn_may_take_amx(monkeypatch):
+def test_no_packed_experts_where_onednn_may_take_amx(monkeypatch):
     """With AMX the packed and the plain bf16 matmuls differ in the last bits, and an offloaded expert
-    stays plain: so no PackedLinear where oneDNN may take AMX, unless oneDNN is capped below it."""
+    stays plain: so no packed expert where oneDNN may take AMX, unless oneDNN is capped below it.
+    Matrices that are never offloaded pack either way."""
+    bf16_kernels = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     monkeypatch.setattr(fm, "onednn_may_use_amx", lambda: True)
-    assert not fm.prepacks(torch.bfloat16, "cpu")
+    assert not fm.prepacks(torch.bfloat16, "cpu", expert=True)
+    assert fm.prepacks(torch.bfloat16, "cpu") is bf16_kernels
+    monkeypatch.setattr(fm, "onednn_may_use_amx", lambda: False)
+    assert fm.prepacks(torch.bfloat16, "cpu", expert=True) is bf16_kernels
+    assert not fm.prepacks(torch.float32, "cpu") and not fm.prepacks(torch.bfloat16, "cuda")
     monkeypatch.undo()
     probe = fm.onednn_may_use_amx.__wrapped__  # uncached: reads the environment and the CPU each call
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)

@@ -96,14 +96,16 @@ class Expert:
 
 
 # --- oneDNN's blocked layout for resident bf16 matrices on the CPU --------------------------------------
-def prepacks(dtype: torch.dtype, device) -> bool:
+def prepacks(dtype: torch.dtype, device, expert: bool = False) -> bool:
     """Whether a resident matrix of this dtype on this device is reordered once into oneDNN's blocked
-    layout (PackedLinear): bfloat16 on a CPU whose oneDNN has bf16 kernels, but not where oneDNN may
-    take AMX. With AVX512-BF16 both layouts run one kernel family and agree bit for bit; with AMX the
-    packed and the plain matmul accumulate in other orders (seen on a Xeon: last-bit differences from
-    512 inputs on), and an offloaded expert, which stays plain, must compute what a resident one does."""
+    layout (PackedLinear): bfloat16 on a CPU whose oneDNN has bf16 kernels. A resident expert only
+    where oneDNN cannot take AMX: with AVX512-BF16 both layouts run one kernel family and agree bit for
+    bit, but with AMX the packed and the plain matmul accumulate in other orders (seen on a Xeon:
+    last-bit differences from 512 inputs on), and an offloaded expert, which stays plain, must compute
+    what a resident one does. Attention, shared experts and the lm_head are never offloaded: they pack
+    wherever oneDNN can (on that Xeon a one-token GEMV 1.07-1.58x faster packed, 512 rows 0.87-0.95x)."""
     return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported() and not onednn_may_use_amx())
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported() and not (expert and onednn_may_use_amx()))
 
 
 @functools.cache
@@ -124,7 +126,7 @@ class PackedLinear:
     """A resident bf16 nn.Linear weight [N, K] on the CPU in oneDNN's blocked layout, multiplied by the
     oneDNN linear that reads it. A one-token GEMV over a Scout-sized matrix then reads 21 GB/s where
     F.linear reads 15 (2 threads; benchmarks/formats_cpu.py), prefill is no slower, and the result is
-    F.linear's, bit for bit (tested), where `prepacks` allows it: oneDNN computes both. The packed
+    F.linear's, bit for bit (tested), where `prepacks` allows experts: oneDNN computes both. The packed
     tensor is opaque (no view, no copy elsewhere), so only weights that stay put are packed."""
 
     __slots__ = ("w", "nbytes")
@@ -217,7 +219,7 @@ class Plain(ExpertFormat):
     def settle(self, expert: Expert, compute_dtype: torch.dtype) -> Expert:
         """Output-major bf16 computed in bf16 on the CPU: both matrices into oneDNN's layout
         (PackedLinear), the buffer let go."""
-        if not (self.out_major and compute_dtype == self.dtype and prepacks(self.dtype, expert.buffer.device)):
+        if not (self.out_major and compute_dtype == self.dtype and prepacks(self.dtype, expert.buffer.device, expert=True)):
             return expert
         return Expert(None, {k: PackedLinear(w) for k, w in expert.parts.items()}, self.matmul, expert.nbytes)
 
