@@ -351,8 +351,8 @@ def test_int8_many_rows_go_through_a_bf16_gemm_with_the_kernels_numbers(monkeypa
     w = torch.randn(n, k, generator=g) * 0.02
     m = fm.Int8Linear.quantize(w.bfloat16())
     ref_w = m.q.float() * m.scale.float()[:, None]
-    monkeypatch.setattr(fm, "INT8_GEMM_CHUNK_BYTES", 256 * 2 * k)  # chunks of 256 output channels
-    chunk_rows = fm.INT8_GEMM_CHUNK_BYTES // (2 * k) // 64 * 64
+    monkeypatch.setattr(fm, "GEMM_CHUNK_BYTES", 256 * 2 * k)  # chunks of 256 output channels
+    chunk_rows = fm.GEMM_CHUNK_BYTES // (2 * k) // 64 * 64
     assert n % chunk_rows and n > chunk_rows  # several chunks, the last one partial
     for rows in (fm.INT8_GEMM_ROWS - 1, fm.INT8_GEMM_ROWS, 100):
         x = torch.randn(rows, 2 * k, generator=g).bfloat16()[:, ::2]
@@ -375,7 +375,7 @@ def test_int4_many_rows_go_through_a_bf16_gemm_with_the_kernels_numbers(monkeypa
         pytest.skip(f"this CPU's int4 layout is {style}{block}: the kernel computes every row count")
     g = torch.Generator().manual_seed(4)
     k = 256
-    monkeypatch.setattr(fm, "INT8_GEMM_CHUNK_BYTES", 3 * block * 2 * k)  # chunks of 3 blocks
+    monkeypatch.setattr(fm, "GEMM_CHUNK_BYTES", 3 * block * 2 * k)  # chunks of 3 blocks
     for n in (7 * block, 7 * block + 32):
         m = fm.Int4Linear.quantize(torch.randn(n, k, generator=g) * 0.02)
         ref_w = fm._affine(fm._int4_unpack(m.packed, (style, block)), m.sz)

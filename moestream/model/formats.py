@@ -352,7 +352,7 @@ def _int8_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Ten
 # threads: kernel 19.8 / 34.6 / 69.9 / 560 ms at 16 / 32 / 64 / 512 rows, the GEMM 19.8 / 23.1 / 28.1
 # / 108.5 ms (benchmarks/formats_cpu.py --sections int8-rows prints both on any machine).
 INT8_GEMM_ROWS = 32
-INT8_GEMM_CHUNK_BYTES = 1 << 22  # bf16 weights converted per GEMM step (stays in L2 / L3)
+GEMM_CHUNK_BYTES = 1 << 22  # bf16 weights converted (int8) or unpacked (int4) per GEMM step: stays in L2 / L3
 
 
 def _int8_gemm(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -361,7 +361,7 @@ def _int8_gemm(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tens
     scales multiply the [T, N] output instead of the weights. The output is rounded to bf16 once more
     than the kernel's (about 2^-9 relative), far below int8's quantization error."""
     n, k = q.shape
-    rows = max(64, INT8_GEMM_CHUNK_BYTES // (2 * k) // 64 * 64)
+    rows = max(64, GEMM_CHUNK_BYTES // (2 * k) // 64 * 64)
     scratch = _scratch_buffer(min(n, rows) * k, torch.bfloat16, q.device)
     y = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x2.device)
     for n0 in range(0, n, rows):
@@ -621,7 +621,7 @@ def _int4_gemm(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, block: 
     relative to the kernel's result, far below int4's quantization error."""
     n, k = packed.shape[0], packed.shape[1] * 2
     half, groups = block // 2, sz.shape[0]
-    blocks = max(1, INT8_GEMM_CHUNK_BYTES // (2 * k * block))
+    blocks = max(1, GEMM_CHUNK_BYTES // (2 * k * block))
     scratch = _scratch_buffer(blocks * block * k, torch.bfloat16, packed.device)
     codes = _scratch_buffer(blocks * half * k, torch.uint8, packed.device)
     by_block = packed.view(n // block, k, half)
