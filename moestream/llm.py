@@ -33,6 +33,7 @@ from .errors import ContextFull, MoestreamError
 from .model.checkpoint import Checkpoint
 from .model.formats import expert_format
 from .model.images import PATCH, image_bytes, image_source
+from .model import native
 from .model.llama4 import Llama4, load_weights
 from .model.sampling import SamplingParams
 from .model.tokenizer import Tokenizer, chat_parts
@@ -109,7 +110,10 @@ class LLM:
     def notes(self) -> list[str]:
         seeing = [f"vision tower loaded ({fmt_bytes(self.vision.nbytes)} on {self.device}): images work; --no-vision "
                   "skips it"] if self.vision is not None else []
-        return self.checkpoint.notes + seeing + ([self.graph_note] if self.graph_note else [])
+        native_note = []
+        if self.device.type == "cpu" and self.dtype == torch.float32 and native.status() != "on":
+            native_note = [f"decode steps through torch op by op, not moestream's C kernels: {native.status()}"]
+        return self.checkpoint.notes + seeing + ([self.graph_note] if self.graph_note else []) + native_note
 
     # --- sequences ---------------------------------------------------------------------------------
     def new_sequence(self) -> Sequence:

@@ -305,7 +305,9 @@ def test_stale_files_of_this_checkpoint_go_and_others_stay(tiny, tmp_path):
     llm = moestream.load(scout, expert_dir=tmp_path, **OFFLOAD)  # every expert on disk
     all_on_disk = llm.experts.store.file.path
     llm.close()
-    llm = moestream.load(scout, expert_dir=tmp_path, **dict(OFFLOAD, cpu_mem="100KB"))  # another layout
+    # another layout and dtype (float32 experts on the CPU are repacked output-major, all of them into
+    # one file whatever the layout: the dtype makes it another file)
+    llm = moestream.load(scout, expert_dir=tmp_path, **dict(OFFLOAD, cpu_mem="100KB", expert_dtype="int8"))
     some_on_disk = llm.experts.store.file.path
     assert 0 < len(llm.experts.store.host_keys) and some_on_disk != all_on_disk
     llm.close()

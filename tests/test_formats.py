@@ -246,14 +246,16 @@ def test_auto_keeps_fp8_checkpoints_fp8_and_others_at_the_compute_dtype():
     assert expert_format("auto", torch.float8_e4m3fn, torch.float32) is FORMATS["fp8"]
     assert expert_format("auto", torch.bfloat16, torch.bfloat16, "cuda") is FORMATS["bf16"]
     assert expert_format("auto", torch.bfloat16, torch.bfloat16, "cpu") is CPU_FORMATS["bf16"]  # output-major
-    assert expert_format("auto", torch.bfloat16, torch.float32) is FORMATS["f32"]  # never converted per call
+    assert expert_format("auto", torch.bfloat16, torch.float32) is CPU_FORMATS["f32"]  # never converted per call
+    assert expert_format("auto", torch.bfloat16, torch.float32, "cuda") is FORMATS["f32"]
     assert expert_format("int4", torch.bfloat16, torch.float32) is FORMATS["int4"]
 
 
-def test_16_bit_experts_on_the_cpu_are_stored_output_major():
-    """The same bytes per expert as the checkpoint's orientation, multiplied by F.linear, equal to it
-    within the dtype's rounding; on another device the checkpoint's own orientation (raw reads)."""
-    for name, dtype in (("bf16", torch.bfloat16), ("f16", torch.float16)):
+def test_plain_experts_on_the_cpu_are_stored_output_major():
+    """The same bytes per expert as the checkpoint's orientation, multiplied by F.linear (float32: the
+    C kernel's one-row products), equal to it within the dtype's rounding; on another device the
+    checkpoint's own orientation (raw reads)."""
+    for name, dtype in (("bf16", torch.bfloat16), ("f16", torch.float16), ("f32", torch.float32)):
         cpu, other = expert_format(name, dtype, dtype, "cpu"), expert_format(name, dtype, dtype, "cuda")
         assert cpu is CPU_FORMATS[name] and other is FORMATS[name] and cpu.signature != other.signature
         assert cpu.raw_dtype is None and other.raw_dtype == dtype
@@ -267,9 +269,10 @@ def test_16_bit_experts_on_the_cpu_are_stored_output_major():
         for a, b in zip(cpu.dequantize(bufs[0], d, f), other.dequantize(bufs[1], d, f)):
             assert torch.equal(a, b)
         x = torch.randn(3, d, generator=g).to(dtype)
-        y0, y1 = cpu.expert(bufs[0], d, f)(x).float(), other.expert(bufs[1], d, f)(x).float()
-        assert torch.allclose(y0, y1, rtol=2e-2, atol=2e-2)
-    assert expert_format("auto", torch.bfloat16, torch.float32, "cpu") is FORMATS["f32"]  # the CPU default: unchanged
+        for rows in (x, x[:1]):  # a prompt's rows, and one decode row (float32: the C kernel)
+            y0, y1 = cpu.expert(bufs[0], d, f)(rows).float(), other.expert(bufs[1], d, f)(rows).float()
+            assert torch.allclose(y0, y1, rtol=2e-2, atol=2e-2)
+    assert expert_format("auto", torch.bfloat16, torch.float32, "cpu") is CPU_FORMATS["f32"]  # the CPU default
 
 
 # --- oneDNN's layout for resident bf16 matrices on the CPU (PackedLinear) -------------------------------

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 
 def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
     """Boolean mask [Tq, Tk]: causal, and within the same aligned chunk when `chunk` is given."""
@@ -25,8 +27,11 @@ def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> t
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """One query token over all its visible keys, GQA by grouping heads: q [H, hd] -> [1, H*hd].
 
-    Three small kernels; cheaper than the general SDPA path when there is nothing to mask.
+    Three small kernels; cheaper than the general SDPA path when there is nothing to mask. In float32 on
+    the CPU one C call (model/native.py).
     """
+    if native.ready(q[0], k, v):
+        return native.decode_attention(q, k, v)
     H, hd = q.shape
     kv_heads = k.shape[1]
     q = q.view(kv_heads, H // kv_heads, hd)  # query heads grouped under their shared KV head

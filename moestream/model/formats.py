@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MoestreamError
+from . import native
 
 ALIGN = 64  # bytes: each part of a packed buffer starts on a cache-line boundary
 
@@ -81,16 +82,21 @@ class Layout:
 class Expert:
     """A callable routed expert over a packed buffer: SwiGLU down(silu(x Wg) * (x Wu)) through the
     format's matmul. `on_cpu` False: it runs where its buffer is (the compute device). buffer None:
-    a resident expert whose parts were re-laid for good (ExpertFormat.settle); nbytes stays the buffer's."""
+    a resident expert whose parts were re-laid for good (ExpertFormat.settle); nbytes stays the buffer's.
+    out_major: the parts are plain output-major matrices, so one float32 row on the CPU takes the
+    dense MLP's C kernel (model/native.py) instead, as the shared expert does."""
 
-    __slots__ = ("buffer", "parts", "matmul", "nbytes")
+    __slots__ = ("buffer", "parts", "matmul", "nbytes", "out_major")
     on_cpu = False
 
-    def __init__(self, buffer: torch.Tensor | None, parts: dict[str, torch.Tensor], matmul, nbytes: int | None = None):
-        self.buffer, self.parts, self.matmul = buffer, parts, matmul
+    def __init__(self, buffer: torch.Tensor | None, parts: dict[str, torch.Tensor], matmul, nbytes: int | None = None,
+                 out_major: bool = False):
+        self.buffer, self.parts, self.matmul, self.out_major = buffer, parts, matmul, out_major
         self.nbytes = buffer.numel() * buffer.element_size() if nbytes is None else nbytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_major and native.ready(x, self.parts["gate_up"], self.parts["down"]):
+            return native.swiglu(x, self.parts["gate_up"], self.parts["down"])
         gate, up = self.matmul(x, "gate_up", self.parts).chunk(2, dim=-1)
         return self.matmul(F.silu(gate) * up, "down", self.parts)
 
@@ -214,7 +220,10 @@ class Plain(ExpertFormat):
         if isinstance(w, PackedLinear):
             return w(x)
         w = w if w.dtype == x.dtype else w.to(x.dtype)
-        return F.linear(x, w) if self.out_major else x @ w
+        return native.linear(x, w) if self.out_major else x @ w
+
+    def expert(self, buffer: torch.Tensor, hidden: int, inter: int) -> Expert:
+        return Expert(buffer, self.layout(hidden, inter).views(buffer), self.matmul, out_major=self.out_major)
 
     def settle(self, expert: Expert, compute_dtype: torch.dtype) -> Expert:
         """Output-major bf16 computed in bf16 on the CPU: both matrices into oneDNN's layout
@@ -844,7 +853,7 @@ FORMATS: dict[str, ExpertFormat] = {
     "fp8": Fp8(),
 }
 PLAIN_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-CPU_FORMATS = {"bf16": Plain("bf16", torch.bfloat16, out_major=True), "f16": Plain("f16", torch.float16, out_major=True)}
+CPU_FORMATS = {name: Plain(name, dtype, out_major=True) for dtype, name in PLAIN_NAMES.items()}
 
 
 def expert_format(name: str, checkpoint_dtype: torch.dtype, compute_dtype: torch.dtype,

@@ -30,6 +30,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .experts import ExpertSource
 from .formats import Int4Linear, Int8Linear, PackedLinear, prepacks
+from . import native
 from .graphs import CaptureFailed, StepGraphs
 
 
@@ -82,39 +83,82 @@ def attention_temperature(positions: torch.Tensor, config: ModelConfig) -> torch
 
 
 def linear(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w.T: w a weight tensor [N, K] (nn.Linear orientation), or one in another storage that
-    multiplies itself (Int8Linear, Int4Linear, PackedLinear)."""
-    return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+    """x @ w.T: w a weight tensor [N, K] (nn.Linear orientation; one float32 row on the CPU through
+    native.linear), or one in another storage that multiplies itself (Int8Linear, Int4Linear, PackedLinear)."""
+    return native.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
 
 
 def swiglu(x: torch.Tensor, gate_up, down) -> torch.Tensor:
     """Dense / shared-expert MLP; nn.Linear orientation, gate and up stacked: gate_up [2F, D]."""
+    if native.ready(x, gate_up, down):
+        return native.swiglu(x, gate_up, down)
     gate, up = linear(x, gate_up).chunk(2, dim=-1)
     return linear(F.silu(gate) * up, down)
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int):
     """Top-k experts per token and their input scales sigmoid(logit) (not softmax, no renorm)."""
-    logits = F.linear(x, router)
+    logits = linear(x, router)
     top_logits, top_experts = logits.topk(top_k, dim=-1)
     scores = torch.sigmoid(top_logits) if x.dtype == torch.float32 else torch.sigmoid(top_logits.float()).to(x.dtype)
     return top_experts, scores, logits
 
 
-def project_qkv(c: ModelConfig, x: torch.Tensor, block: "Block", rotations, temperature):
-    """Queries, keys and values of x [T, D], positions applied: RoPE and QK-norm, or the NoPE temperature."""
-    T, H, Hkv = x.shape[0], c.num_attention_heads, c.num_key_value_heads
-    qkv = linear(x, block.attn.qkv).view(T, H + 2 * Hkv, c.head_dim)  # heads: queries | keys | values
-    qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
+# --- one decoder block as the steps every path runs: a prompt, a decode step, a batch, graph parts --
+# On one float32 row on the CPU each step is one or two calls into model/native.py's C kernels
+# instead of a dozen torch ops: the same formulas, rounded in another order (within float32's
+# rounding of torch's; tests/test_native.py), and the same for every one-row path of a run.
+def attention_inputs(c: ModelConfig, x: torch.Tensor, block: "Block", rotations, temperature):
+    """Queries, keys and values of x [T, D]: the attention norm, the qkv projection, then RoPE and
+    QK-norm, or the NoPE temperature."""
+    T, H, Hkv, eps = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps
     rope = c.uses_rope(block.index)
-    if rope:  # RoPE and QK-norm act per head alike on queries and keys: one call for both
-        qk = apply_rope(qk, rotations)
-        if c.use_qk_norm:
-            qk = rms_norm(qk, None, c.rms_norm_eps)
+    if native.ready(x, block.attn_norm, block.attn.qkv):
+        qkv = native.norm_linear(x, block.attn_norm, eps, block.attn.qkv).view(T, H + 2 * Hkv, c.head_dim)
+        if rope:
+            native.rope_heads_(qkv, rotations, H + Hkv, c.use_qk_norm, eps)
+        qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
+    else:
+        qkv = linear(rms_norm(x, block.attn_norm, eps), block.attn.qkv).view(T, H + 2 * Hkv, c.head_dim)
+        qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]  # heads: queries | keys | values
+        if rope:  # RoPE and QK-norm act per head alike on queries and keys: one call for both
+            qk = apply_rope(qk, rotations)
+            if c.use_qk_norm:
+                qk = rms_norm(qk, None, eps)
     q, k = qk[:, :H], qk[:, H:]
     if not rope and c.attn_temperature_tuning:
         q = (q * temperature).to(q.dtype)
     return q, k, v
+
+
+def attention_output(x: torch.Tensor, out: torch.Tensor, block: "Block") -> torch.Tensor:
+    """The residual stream after attention: x + the output projection of the heads' outputs."""
+    if native.ready(out, block.attn.o, x):
+        return native.linear_add(out, block.attn.o, x)
+    return x + linear(out, block.attn.o)
+
+
+def moe_inputs(c: ModelConfig, x: torch.Tensor, block: "Block"):
+    """The FFN norm of x and its routing: (h, top-k experts [T, k], their input scales [T, k])."""
+    ffn: MoEWeights = block.ffn
+    if native.ready(x, block.ffn_norm, ffn.router):
+        h, logits = native.norm_linear(x, block.ffn_norm, c.rms_norm_eps, ffn.router, keep=True)
+        return (h, *native.top_k(logits, c.num_experts_per_tok))
+    h = rms_norm(x, block.ffn_norm, c.rms_norm_eps)
+    return (h, *route(h, ffn.router, c.num_experts_per_tok)[:2])
+
+
+def dense_mlp(c: ModelConfig, x: torch.Tensor, block: "Block") -> torch.Tensor:
+    """A dense layer's FFN on the residual stream: x + mlp(rms_norm(x))."""
+    norm = native.rms_norm if native.ready(x, block.ffn_norm) else rms_norm
+    return x + swiglu(norm(x, block.ffn_norm, c.rms_norm_eps), block.ffn.gate_up, block.ffn.down)
+
+
+def lm_head(c: ModelConfig, x: torch.Tensor, norm: torch.Tensor, head) -> torch.Tensor:
+    """Logits (float32) of the final norm of x."""
+    if native.ready(x, norm, head):
+        return native.norm_linear(x, norm, c.rms_norm_eps, head)
+    return linear(rms_norm(x, norm, c.rms_norm_eps), head).float()
 
 
 # --- weights -------------------------------------------------------------------------------------
@@ -275,25 +319,25 @@ class Llama4:
         if images is not None:  # as transformers' masked_scatter: the i-th <|patch|> gets row i
             x[ids.to(self.device) == self.image_token_id] = images.to(device=x.device, dtype=x.dtype)
         rec.add(("embed", t, rec.mark(), -1))  # with the positions' rotations and temperatures
+        c = self.config
         for block in self.blocks:
             layer_cache = cache.layers[block.index] if cache is not None else None
             t0 = rec.mark()
-            h = rms_norm(x, block.attn_norm, self.config.rms_norm_eps)
-            x = x + self.attention(h, block, pos0, positions, rotations, temperature, layer_cache)
+            q, k, v = attention_inputs(c, x, block, rotations, temperature)
+            x = attention_output(x, self.attend(q, k, v, block, pos0, positions, layer_cache), block)
             rec.add(("attention", t0, rec.mark(), block.index))
-            h = rms_norm(x, block.ffn_norm, self.config.rms_norm_eps)
             if isinstance(block.ffn, MoEWeights):
-                x = x + self.moe(h, block)
+                x = x + self.moe(x, block)
             else:
                 t = rec.mark()
-                x = x + swiglu(h, block.ffn.gate_up, block.ffn.down)
+                x = dense_mlp(c, x, block)
                 rec.add(("dense mlp", t, rec.mark(), block.index))
         if cache is not None:
             cache.pos += ids.shape[0]
         if last_only:
             x = x[-1:]
         t = rec.mark()
-        logits = linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+        logits = lm_head(c, x, self.norm, self.lm_head)
         rec.add(("lm head", t, rec.mark(), -1))
         return logits
 
@@ -307,34 +351,37 @@ class Llama4:
         that sequence alone, so the logits are those of running them one by one, bit for bit (with
         top-1 routing, as Llama 4 has; with top-k the experts' contributions are added in the union's
         order). Prefill is not batched: a prompt runs through `forward` alone."""
-        eps, rec = self.config.rms_norm_eps, self.rec
+        c, rec = self.config, self.rec
         xs = [F.embedding(torch.tensor([t], device=self.device), self.embed) for t in tokens]
         where = [(cache.pos, *self.positions(cache.pos, 1)) for cache in caches]
         for block in self.blocks:
             t0 = rec.mark()
             for i, cache in enumerate(caches):
-                h = rms_norm(xs[i], block.attn_norm, eps)
-                xs[i] = xs[i] + self.attention(h, block, *where[i], cache.layers[block.index])
+                pos0, positions, rotations, temperature = where[i]
+                q, k, v = attention_inputs(c, xs[i], block, rotations, temperature)
+                xs[i] = attention_output(xs[i], self.attend(q, k, v, block, pos0, positions, cache.layers[block.index]), block)
             rec.add(("attention", t0, rec.mark(), block.index))
-            hs = [rms_norm(x, block.ffn_norm, eps) for x in xs]
             if isinstance(block.ffn, MoEWeights):
-                outs = self.moe_batch(hs, block)
+                xs = [x + out for x, out in zip(xs, self.moe_batch(xs, block))]
             else:
-                outs = [swiglu(h, block.ffn.gate_up, block.ffn.down) for h in hs]
-            xs = [x + out for x, out in zip(xs, outs)]
+                xs = [dense_mlp(c, x, block) for x in xs]
         for cache in caches:
             cache.pos += 1
         t = rec.mark()
-        logits = torch.cat([linear(rms_norm(x, self.norm, eps), self.lm_head).float() for x in xs])
+        logits = torch.cat([lm_head(c, x, self.norm, self.lm_head) for x in xs])
         rec.add(("lm head", t, rec.mark(), -1))
         return logits
 
-    def moe_batch(self, hs: list[torch.Tensor], block: Block) -> list[torch.Tensor]:
+    def moe_batch(self, xs: list[torch.Tensor], block: Block) -> list[torch.Tensor]:
         """The MoE of one token of each sequence: one `prepare` for all, each expert fetched once."""
         ffn: MoEWeights = block.ffn
         rec, layer = self.rec, block.index
         t = rec.mark()
-        routes = [route(h, ffn.router, self.config.num_experts_per_tok)[:2] for h in hs]
+        hs, routes = [], []
+        for x in xs:
+            h, top_experts, scores = moe_inputs(self.config, x, block)
+            hs.append(h)
+            routes.append((top_experts, scores))
         if self.on_route is not None:
             self.on_route((layer, torch.cat([r[0] for r in routes]), torch.cat([r[1] for r in routes])))
         chosen = [r[0][0].tolist() for r in routes]
@@ -356,10 +403,6 @@ class Llama4:
             rec.add(("expert", t, rec.mark(), (layer, e, "CPU experts" if expert.on_cpu else "compute")))
         return outs
 
-    def attention(self, x, block: Block, pos0: int, positions, rotations, temperature, layer_cache) -> torch.Tensor:
-        q, k, v = project_qkv(self.config, x, block, rotations, temperature)
-        return linear(self.attend(q, k, v, block, pos0, positions, layer_cache), block.attn.o)
-
     def attend(self, q, k, v, block: Block, pos0: int, positions, layer_cache) -> torch.Tensor:
         if layer_cache is not None:  # the cache stores k/v and attends over whatever tiers hold them
             return layer_cache.attend(q, k, v, pos0, positions)
@@ -367,16 +410,17 @@ class Llama4:
         return attend(q, k, v, positions, pos0, chunk)
 
     def moe(self, x: torch.Tensor, block: Block) -> torch.Tensor:
+        """The MoE block's output for the residual stream x (its norm, routing, shared and routed experts)."""
         ffn: MoEWeights = block.ffn
         rec, layer = self.rec, block.index
         t = rec.mark()
-        top_experts, scores, _ = route(x, ffn.router, self.config.num_experts_per_tok)
-        wanted = self.choose(x, block, top_experts, scores)
+        h, top_experts, scores = moe_inputs(self.config, x, block)
+        wanted = self.choose(h, block, top_experts, scores)
         t_router = rec.mark()
         rec.add(("router", t, t_router, layer))
-        out = swiglu(x, ffn.shared.gate_up, ffn.shared.down)
+        out = swiglu(h, ffn.shared.gate_up, ffn.shared.down)
         rec.add(("shared expert", t_router, rec.mark(), layer))
-        return self.routed(x, block, top_experts, scores, wanted, out)
+        return self.routed(h, block, top_experts, scores, wanted, out)
 
     def choose(self, x: torch.Tensor, block: Block, top_experts: torch.Tensor, scores: torch.Tensor) -> list[int]:
         """Tell the expert source everything this step needs first: it starts every copy, and answers
@@ -437,18 +481,16 @@ class Llama4:
         """(key, function, example inputs) of every part, in step order. The functions hold the weights
         and the config, not the model (which holds them: no reference cycle keeps a closed model alive)."""
         c = self.config
-        eps, top_k = c.rms_norm_eps, c.num_experts_per_tok
         parts = []
         for b in self.blocks:
             def qkv(x, position=None, b=b):  # position: the layer's rotations or temperature, whichever it uses
-                return project_qkv(c, rms_norm(x, b.attn_norm, eps), b, position, position)
+                return attention_inputs(c, x, b, position, position)
 
             parts.append(((b.index, "qkv"), qkv, (x, *self._position_input(b, rotations, temperature))))
             if isinstance(b.ffn, MoEWeights):
                 def route_part(x, out, b=b):
-                    x = x + linear(out, b.attn.o)
-                    h = rms_norm(x, b.ffn_norm, eps)
-                    return (x, h, *route(h, b.ffn.router, top_k)[:2])
+                    x = attention_output(x, out, b)
+                    return (x, *moe_inputs(c, x, b))
 
                 def shared(h, b=b):
                     return swiglu(h, b.ffn.shared.gate_up, b.ffn.shared.down)
@@ -456,12 +498,11 @@ class Llama4:
                 parts += [((b.index, "route"), route_part, (x, out)), ((b.index, "shared"), shared, (x,))]
             else:
                 def mlp(x, out, b=b):
-                    x = x + linear(out, b.attn.o)
-                    return x + swiglu(rms_norm(x, b.ffn_norm, eps), b.ffn.gate_up, b.ffn.down)
+                    return dense_mlp(c, attention_output(x, out, b), b)
 
                 parts.append(((b.index, "mlp"), mlp, (x, out)))
         norm, head = self.norm, self.lm_head
-        parts.append(("head", lambda x: linear(rms_norm(x, norm, eps), head).float(), (x,)))
+        parts.append(("head", lambda x: lm_head(c, x, norm, head), (x,)))
         return parts
 
     def graphed_step(self, ids: torch.Tensor, cache) -> torch.Tensor:

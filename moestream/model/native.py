@@ -1,0 +1,373 @@
+"""A decode step's float32 work on the CPU for one token, in C compiled once per machine.
+
+A decode step of a small model is not bound by its weights but by its ops: the embedded model's
+step dispatched ~530 torch ops (~50 a layer: norms as six kernels, RoPE as complex views, GEMVs that
+pay MKL's per-call cost) at 1-2 us each before any arithmetic, and on an AMD EPYC torch's one-row
+float32 product reads 6 GB/s where a sum over the same bytes reads 21-29 and the plain C loop below
+25 (benchmarks/native_cpu.py prints both). So each step of a block (model/llama4.py: the attention
+inputs, the output projection, the MoE inputs, a SwiGLU MLP or expert, the lm_head, and one query's
+attention) is, for one float32 row on the CPU, one call here. Everything else (prompts, 16-bit and
+quantized weights, CUDA) stays with torch.
+
+The kernels compute the same formulas in another order of float32 additions than torch (16 partial
+sums added pairwise, then the tail; a scalar exp), so their results differ from torch's in the last bits: tests
+hold them to torch's within float32 rounding, and the one-row steps to transformers' logits. Every
+one-row step of a run takes them, resident or offloaded, alone or batched, eager or through the
+graph parts' CPU twin, so those agree with each other bit for bit as before.
+
+The library is built with the machine's C compiler (`$CC`, else `cc`) for this CPU (`-march=native`)
+into ~/.cache/moestream/native/ under a name that hashes the source, the flags, the compiler and the
+CPU's flags (a VM moved to another CPU builds its own), written to a temporary name and renamed,
+under a lock, and checked against torch before first use. With no compiler, a failed build or check,
+or MOESTREAM_NATIVE=0, the steps stay torch's and `status()` says why (the LLM's notes repeat it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..files import FileLock, cache_dir, make_directory, temporary_name
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#define LANES 16
+
+/* the products past the last whole vector, one by one: one copy of this code for every caller */
+__attribute__((noinline)) static float tail(const float *restrict a, const float *restrict b, long k, long K, float s) {
+    for (; k < K; k++) s += a[k] * b[k];
+    return s;
+}
+
+/* sum_k a[k] * b[k]: 16 partial sums over k mod 16 (one vector register), added pairwise (8, 4, 2,
+   1: a short chain where sixteen in a row would wait on each other), then the tail */
+static inline float dot(const float *restrict a, const float *restrict b, long K) {
+    long body = K - K % LANES;
+    float acc[LANES] = {0}, t[8], u[4];
+    for (long k = 0; k < body; k += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += a[k + j] * b[k + j];
+    for (int j = 0; j < 8; j++) t[j] = acc[j] + acc[j + 8];
+    for (int j = 0; j < 4; j++) u[j] = t[j] + t[j + 4];
+    return tail(a, b, body, K, (u[0] + u[2]) + (u[1] + u[3]));
+}
+
+/* --- rows of a matrix-vector product shared out among threads ------------------------------------
+   A one-row product reads its matrix once, so it is bound by memory, and two cores read about twice
+   what one does. The rows are shared out by OpenMP, which is torch's own runtime here (libgomp.so.1,
+   loaded by torch before this library): the same threads, as many as torch.set_num_threads gives,
+   spinning and sleeping as torch's do, so the two never fight over the cores. Each output row is
+   computed whole by one thread, so the split never changes a bit. */
+typedef struct job {
+    void (*rows)(const struct job *, long, long);
+    const float *w, *x, *r;
+    float *y;
+    long N, K;
+} job;
+
+#define PARALLEL_ELEMENTS 16384 /* smaller products stay on the calling thread */
+
+static void run(const job *j) {
+#if defined(_OPENMP)
+    if (j->N >= 2 && j->N * j->K >= PARALLEL_ELEMENTS && omp_get_max_threads() > 1 && !omp_in_parallel()) {
+        #pragma omp parallel
+        {
+            long parts = omp_get_num_threads(), part = omp_get_thread_num();
+            long per = (j->N + parts - 1) / parts, n0 = part * per, n1 = n0 + per < j->N ? n0 + per : j->N;
+            if (n0 < n1) j->rows(j, n0, n1);
+        }
+        return;
+    }
+#endif
+    j->rows(j, 0, j->N);
+}
+
+static void gemv_rows(const job *j, long n0, long n1) {
+    for (long n = n0; n < n1; n++) j->y[n] = dot(j->w + n * j->K, j->x, j->K);
+}
+
+static void gemv_add_rows(const job *j, long n0, long n1) {
+    for (long n = n0; n < n1; n++) j->y[n] = j->r[n] + dot(j->w + n * j->K, j->x, j->K);
+}
+
+/* a[f] = silu(gate_f x) * (up_f x): rows f of gate and F + f of up */
+static void swiglu_rows(const job *j, long f0, long f1) {
+    for (long f = f0; f < f1; f++) {
+        float g = dot(j->w + f * j->K, j->x, j->K), u = dot(j->w + (j->N + f) * j->K, j->x, j->K);
+        j->y[f] = g / (1.0f + expf(-g)) * u;
+    }
+}
+
+/* --- the steps ----------------------------------------------------------------------------------- */
+/* y = W x for W^T [N, K] (nn.Linear's orientation), rows contiguous */
+void gemv(const float *w, const float *x, float *y, long N, long K) {
+    job j = {gemv_rows, w, x, 0, y, N, K};
+    run(&j);
+}
+
+/* y = r + W x */
+void gemv_add(const float *w, const float *x, const float *r, float *y, long N, long K) {
+    job j = {gemv_add_rows, w, x, r, y, N, K};
+    run(&j);
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * g (g NULL: weightless); y may be x */
+void rms_norm(const float *x, const float *g, float eps, float *y, long D) {
+    float r = 1.0f / sqrtf(dot(x, x, D) / (float)D + eps);
+    for (long d = 0; d < D; d++) y[d] = g ? x[d] * r * g[d] : x[d] * r;
+}
+
+/* y = W rms_norm(x, g); h (may be NULL) keeps the normed x */
+void norm_gemv(const float *x, const float *g, float eps, const float *w, float *h, float *y, long N, long K) {
+    float *hn = h ? h : malloc(K * sizeof(float));
+    rms_norm(x, g, eps, hn, K);
+    gemv(w, hn, y, N, K);
+    if (hn != h) free(hn);
+}
+
+/* Heads [n, hd] in place: rotate interleaved pairs by rot (hd/2 complex numbers, re/im), then
+   (qk_norm) divide each head by its root mean square */
+void rope_heads(float *restrict x, const float *restrict rot, long n, long hd, int qk_norm, float eps) {
+    for (long i = 0; i < n; i++) {
+        float *head = x + i * hd;
+        for (long p = 0; p < hd / 2; p++) {
+            float a = head[2 * p], b = head[2 * p + 1], c = rot[2 * p], s = rot[2 * p + 1];
+            head[2 * p] = a * c - b * s;
+            head[2 * p + 1] = a * s + b * c;
+        }
+        if (qk_norm) rms_norm(head, 0, eps, head, hd);
+    }
+}
+
+/* The k largest of logits[E] (the first index on ties), and their sigmoids */
+void top_k(const float *restrict logits, long E, long k, int64_t *restrict idx, float *restrict score) {
+    for (long j = 0; j < k; j++) {
+        long best = -1;
+        for (long e = 0; e < E; e++) {
+            int taken = 0;
+            for (long i = 0; i < j; i++) taken |= idx[i] == e;
+            if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
+        }
+        idx[j] = best;
+        score[j] = 1.0f / (1.0f + expf(-logits[best]));
+    }
+}
+
+/* y = down (silu(gate x) * (up x)) for gate_up [2F, D] (gate rows, then up rows), down [D, F] */
+void swiglu(const float *x, const float *gate_up, const float *down, float *y, long F, long D) {
+    float *a = malloc(F * sizeof(float));
+    job j = {swiglu_rows, gate_up, x, 0, a, F, D};
+    run(&j);
+    gemv(down, a, y, D, F);
+    free(a);
+}
+
+/* One query token over S keys: q [H, hd], k and v [S, Hkv, hd] contiguous, out [H, hd]; query head h
+   reads key head h / (H / Hkv) */
+void decode_attention(const float *restrict q, const float *restrict k, const float *restrict v,
+                      float *restrict out, long S, long H, long Hkv, long hd) {
+    float *p = malloc(S * sizeof(float));
+    float scale = 1.0f / sqrtf((float)hd);
+    for (long h = 0; h < H; h++) {
+        long g = h / (H / Hkv);
+        const float *qh = q + h * hd;
+        float top = -INFINITY, sum = 0.0f;
+        for (long s = 0; s < S; s++) {
+            p[s] = dot(qh, k + (s * Hkv + g) * hd, hd) * scale;
+            top = p[s] > top ? p[s] : top;
+        }
+        for (long s = 0; s < S; s++) { p[s] = expf(p[s] - top); sum += p[s]; }
+        float *o = out + h * hd;
+        for (long d = 0; d < hd; d++) o[d] = 0.0f;
+        for (long s = 0; s < S; s++) {
+            const float *vs = v + (s * Hkv + g) * hd;
+            for (long d = 0; d < hd; d++) o[d] += p[s] * vs[d];
+        }
+        for (long d = 0; d < hd; d++) o[d] /= sum;
+    }
+    free(p);
+}
+"""
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+
+
+SIGNATURES = {"gemv": "pppll", "gemv_add": "ppppll", "rms_norm": "ppfpl", "norm_gemv": "ppfpppll",
+              "rope_heads": "ppllif", "top_k": "pllpp", "swiglu": "ppppll", "decode_attention": "ppppllll"}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    """(the library, "") or (None, why not)."""
+    if os.environ.get("MOESTREAM_NATIVE", "1") == "0":
+        return None, "off (MOESTREAM_NATIVE=0)"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
+        return None, f"not built on {platform.system()} {platform.machine()}"
+    cc = shutil.which(os.environ.get("CC") or "cc")
+    if cc is None:
+        return None, "no C compiler (cc) on PATH: install gcc, or set CC"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"{cc} --version failed: {e}"
+    key = hashlib.sha256("\0".join((SOURCE, *FLAGS, version, _cpu_flags(), platform.machine())).encode()).hexdigest()[:16]
+    directory = cache_dir() / "native"
+    path = directory / f"gemv-{key}.so"
+    try:
+        if not path.exists():
+            make_directory(directory)
+            with FileLock(directory / ".build.lock", "the native kernels' build", "wait for it", blocking=True):
+                if not path.exists():  # another process may have built it while we waited
+                    _compile(cc, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        return None, f"build failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    for name, types in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = [{"p": ctypes.c_void_p, "l": ctypes.c_long, "f": ctypes.c_float, "i": ctypes.c_int}[t]
+                                   for t in types], None
+    return lib, ""
+
+
+def _compile(cc: str, path: Path) -> None:
+    src, obj = temporary_name(path.with_suffix(".c")), temporary_name(path)
+    try:
+        src.write_text(SOURCE)
+        for openmp in (["-fopenmp"], []):  # without OpenMP (a compiler lacking it) the kernels run on one thread
+            done = subprocess.run([cc, *FLAGS, *openmp, "-o", str(obj), "-x", "c", str(src), "-lm"], capture_output=True,
+                                  text=True, timeout=120)
+            if done.returncode == 0:
+                break
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip() or f"{cc} exited with {done.returncode}")
+        os.replace(obj, path)
+    finally:
+        for p in (src, obj):
+            p.unlink(missing_ok=True)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib, why = _build()
+    if lib is not None and not _agrees(lib):
+        lib, why = None, "built, but disagreed with torch on a check product: using torch's"
+    _status[0] = why or "on"
+    return lib
+
+
+_status = ["not loaded yet"]
+
+
+def status() -> str:
+    """"on", or why one-row float32 products are torch's."""
+    _library()
+    return _status[0]
+
+
+def _agrees(lib) -> bool:
+    """The matrix-vector kernel against torch, with and without a tail past the last 16 inputs (the
+    others are tested against their torch formulas by the tests)."""
+    gen = torch.Generator().manual_seed(0)
+    for n, k in ((40, 37), (16, 16), (5, 200)):
+        w, x = torch.randn(n, k, generator=gen), torch.randn(1, k, generator=gen)
+        y = torch.empty(1, n)
+        lib.gemv(w.data_ptr(), x.data_ptr(), y.data_ptr(), n, k)
+        if not torch.allclose(y, F.linear(x, w), rtol=1e-5, atol=1e-5):
+            return False
+    return True
+
+
+# --- the kernels, for one float32 row on the CPU ---------------------------------------------------
+# `ready` says whether a row and its weights take them; each function below assumes it said yes.
+def ready(x: torch.Tensor, *weights) -> bool:
+    """x one float32 row on the CPU, each weight (None allowed) a contiguous float32 CPU tensor, and
+    the library built."""
+    if (x.dtype != torch.float32 or not x.is_cpu or x.numel() != x.shape[-1] or x.requires_grad
+            or _library() is None):
+        return False
+    return all(w is None or (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.is_cpu
+                             and w.is_contiguous() and not w.requires_grad) for w in weights)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) for w [N, K]; one float32 row on the CPU through the C kernel."""
+    if not ready(x, w):
+        return F.linear(x, w)
+    y = torch.empty(x.shape[:-1] + (w.shape[0],))
+    _library().gemv(w.data_ptr(), x.contiguous().data_ptr(), y.data_ptr(), *w.shape)
+    return y
+
+
+def linear_add(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """r + x @ w.T (r contiguous, w's output shape)."""
+    y = torch.empty_like(r)
+    _library().gemv_add(w.data_ptr(), x.contiguous().data_ptr(), r.data_ptr(), y.data_ptr(), *w.shape)
+    return y
+
+
+def norm_linear(x: torch.Tensor, g: torch.Tensor | None, eps: float, w: torch.Tensor,
+                keep: bool = False):
+    """rms_norm(x, g) @ w.T; keep: (the normed x, that product)."""
+    h = torch.empty_like(x) if keep else None
+    y = torch.empty(x.shape[:-1] + (w.shape[0],))
+    _library().norm_gemv(x.contiguous().data_ptr(), _ptr(g), eps, w.data_ptr(), _ptr(h), y.data_ptr(), *w.shape)
+    return (h, y) if keep else y
+
+
+def rms_norm(x: torch.Tensor, g: torch.Tensor | None, eps: float) -> torch.Tensor:
+    y = torch.empty_like(x)
+    _library().rms_norm(x.contiguous().data_ptr(), _ptr(g), eps, y.data_ptr(), x.shape[-1])
+    return y
+
+
+def rope_heads_(heads: torch.Tensor, rotations: torch.Tensor, n: int, qk_norm: bool, eps: float) -> None:
+    """In place on the first n heads of one row of heads [1, H', hd]: RoPE by rotations [1, hd/2]
+    complex64, then the weightless QK-norm."""
+    _library().rope_heads(heads.data_ptr(), rotations.contiguous().data_ptr(), n, heads.shape[-1], int(qk_norm), eps)
+
+
+def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest router logits of one row [1, E] and their sigmoids: ([1, k] int64, [1, k])."""
+    idx, scores = torch.empty(1, k, dtype=torch.int64), torch.empty(1, k)
+    _library().top_k(logits.data_ptr(), logits.shape[-1], k, idx.data_ptr(), scores.data_ptr())
+    return idx, scores
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate x) * (up x)), gate_up [2F, D] gate rows then up rows, down [D, F]."""
+    y = torch.empty(x.shape[:-1] + (down.shape[0],))
+    _library().swiglu(x.contiguous().data_ptr(), gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), down.shape[1],
+                      down.shape[0])
+    return y
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One query q [H, hd] over keys and values [S, Hkv, hd]: [1, H * hd]."""
+    H, hd = q.shape
+    out = torch.empty(1, H * hd)
+    _library().decode_attention(q.contiguous().data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), k.shape[0], H,
+                                k.shape[1], hd)
+    return out
