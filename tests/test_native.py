@@ -147,3 +147,18 @@ def test_no_compiler_or_switched_off_leaves_torchs_products(tmp_path, monkeypatc
     monkeypatch.setenv("MOESTREAM_NATIVE", "0")
     assert native._build() == (None, "off (MOESTREAM_NATIVE=0)")
     assert not os.path.exists(tmp_path / "moestream" / "native" / "gemv.so")
+
+
+@needs_kernels
+def test_sharing_rows_among_threads_changes_no_bit():
+    """Big enough products are shared out by OpenMP (torch's threads); each row stays one thread's."""
+    x, w, gate_up, down = rand(1, 256), rand(1024, 256), rand(2048, 256) * 0.1, rand(256, 1024) * 0.1
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[threads] = native.linear(x, w), native.swiglu(x, gate_up, down)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(out[1], out[2]))

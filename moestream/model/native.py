@@ -67,9 +67,10 @@ static inline float dot(const float *restrict a, const float *restrict b, long K
 
 /* --- rows of a matrix-vector product shared out among threads ------------------------------------
    A one-row product reads its matrix once, so it is bound by memory, and two cores read about twice
-   what one does. The rows are shared out by OpenMP, which is torch's own runtime here (libgomp.so.1,
-   loaded by torch before this library): the same threads, as many as torch.set_num_threads gives,
-   spinning and sleeping as torch's do, so the two never fight over the cores. Each output row is
+   what one does. The rows are shared out by OpenMP, built in only where it is torch's own runtime
+   (libgomp.so.1, loaded by torch before this library): the same threads, as many as
+   torch.set_num_threads gives, spinning and sleeping as torch's do, so the two never fight over the
+   cores (a second team of threads, tried first, made decoding 4x slower while torch's spun). Each output row is
    computed whole by one thread, so the split never changes a bit. */
 typedef struct job {
     void (*rows)(const struct job *, long, long);
@@ -229,7 +230,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"{cc} --version failed: {e}"
-    key = hashlib.sha256("\0".join((SOURCE, *FLAGS, version, _cpu_flags(), platform.machine())).encode()).hexdigest()[:16]
+    flags = FLAGS + (("-fopenmp",) if _torch_gomp() else ())
+    key = hashlib.sha256("\0".join((SOURCE, *flags, version, _cpu_flags(), platform.machine())).encode()).hexdigest()[:16]
     directory = cache_dir() / "native"
     path = directory / f"gemv-{key}.so"
     try:
@@ -237,7 +239,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             make_directory(directory)
             with FileLock(directory / ".build.lock", "the native kernels' build", "wait for it", blocking=True):
                 if not path.exists():  # another process may have built it while we waited
-                    _compile(cc, path)
+                    _compile(cc, path, flags)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         return None, f"build failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
@@ -248,12 +250,23 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
-def _compile(cc: str, path: Path) -> None:
+def _torch_gomp() -> bool:
+    """Whether torch's OpenMP runtime is GNU's libgomp, loaded for everyone to link against: then the
+    kernels share its threads. Any other (or none), and a library of ours linked with -fopenmp would
+    bring a second team of spinning threads that fights torch's for the cores: one thread, then."""
+    try:
+        ctypes.CDLL(None).GOMP_parallel
+    except AttributeError:
+        return False
+    return "OpenMP" in torch.__config__.parallel_info()
+
+
+def _compile(cc: str, path: Path, flags: tuple[str, ...]) -> None:
     src, obj = temporary_name(path.with_suffix(".c")), temporary_name(path)
     try:
         src.write_text(SOURCE)
-        for openmp in (["-fopenmp"], []):  # without OpenMP (a compiler lacking it) the kernels run on one thread
-            done = subprocess.run([cc, *FLAGS, *openmp, "-o", str(obj), "-x", "c", str(src), "-lm"], capture_output=True,
+        for attempt in (flags, FLAGS):  # a compiler without OpenMP: the kernels run on one thread
+            done = subprocess.run([cc, *attempt, "-o", str(obj), "-x", "c", str(src), "-lm"], capture_output=True,
                                   text=True, timeout=120)
             if done.returncode == 0:
                 break
