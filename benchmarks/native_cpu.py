@@ -23,17 +23,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moestream
+from formats_cpu import best_of  # this folder's: a warm call, then the fastest of reps
 from moestream.model import native
-
-
-def best_of(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 class OpCount(TorchDispatchMode):
