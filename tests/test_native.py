@@ -162,3 +162,14 @@ def test_sharing_rows_among_threads_changes_no_bit():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(out[1], out[2]))
+
+
+@needs_kernels
+def test_append_attention_stores_the_token_and_attends_as_decode_attention():
+    keys, values = rand(10, 2, 16), rand(10, 2, 16)
+    q, k, v = rand(1, 4, 16), rand(1, 2, 16), rand(1, 2, 16)
+    want_k, want_v = keys.clone(), values.clone()
+    want_k[6], want_v[6] = k[0], v[0]
+    out = native.append_attention(q, k, v, keys, values, 6)
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)  # slot 6 written, the rest untouched
+    assert torch.equal(out, decode_attention(q[0], keys[:7], values[:7]))

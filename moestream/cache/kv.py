@@ -30,6 +30,7 @@ import torch
 
 from ..errors import MoestreamError
 from ..files import describe_os_error, lock_open_file, make_directory
+from ..model import native
 from ..model.attention import attend, attention_part, merge_parts
 from ..profiling.recorder import NULL
 
@@ -315,6 +316,9 @@ class ChunkKV:
         if pos0 // C != self.start // C or self.n == 0:
             self.start, self.n = (pos0 // C) * C, 0  # a new chunk: the old one is out of sight
         assert pos0 == self.start + self.n, "KV cache fed out of order"
+        if T == 1 and self.n < C and native.plain(q, k, v, self.store.k.data, self.store.v.data):
+            self.n += 1  # decode, float32 slots on the CPU: store and attend in one C call
+            return native.append_attention(q, k, v, self.store.k.data, self.store.v.data, self.n - 1)
         if self.n + T <= C:  # the common case (decode): store, then attend over the chunk so far
             self.store.write(self.n, k, v)
             self.n += T

@@ -1,17 +1,18 @@
 """A decode step's float32 work on the CPU for one token, in C compiled once per machine.
 
-A decode step of a small model is not bound by its weights but by its ops: the embedded model's
-step dispatched ~530 torch ops (~50 a layer: norms as six kernels, RoPE as complex views, GEMVs that
-pay MKL's per-call cost) at 1-2 us each before any arithmetic, and on an AMD EPYC torch's one-row
-float32 product reads 6 GB/s where a sum over the same bytes reads 21-29 and the plain C loop below
-25 (benchmarks/native_cpu.py prints both). So each step of a block (model/llama4.py: the attention
-inputs, the output projection, the MoE inputs, a SwiGLU MLP or expert, the lm_head, and one query's
-attention) is, for one float32 row on the CPU, one call here. Everything else (prompts, 16-bit and
-quantized weights, CUDA) stays with torch.
+A decode step of a small model is not bound by its weights but by its ops: torch dispatched 418 ops
+for one token of the embedded model (~50 a layer: a norm is six kernels, RoPE goes through complex
+views, each GEMV pays MKL's per-call cost) at 1-2 us each before any arithmetic, and on an AMD EPYC
+its one-row float32 product read 11-13 GB/s where these loops read 15 on one thread and 40 on two
+(benchmarks/native_cpu.py). So each step of a block (model/llama4.py: the attention inputs, the
+output projection, the MoE inputs, a SwiGLU MLP or expert, the lm_head; one query's attention; a
+chunked layer's cache step) is, for one float32 row on the CPU, one call here: 190 torch ops a
+token remain. Everything else (prompts, 16-bit and quantized weights, CUDA) stays with torch.
 
 The kernels compute the same formulas in another order of float32 additions than torch (16 partial
-sums added pairwise, then the tail; a scalar exp), so their results differ from torch's in the last bits: tests
-hold them to torch's within float32 rounding, and the one-row steps to transformers' logits. Every
+sums added pairwise, then the tail; a scalar exp), so their results differ from torch's in the last
+bits: tests hold them to torch's within float32 rounding, and the one-row steps to transformers'
+logits. Every
 one-row step of a run takes them, resident or offloaded, alone or batched, eager or through the
 graph parts' CPU twin, so those agree with each other bit for bit as before.
 
@@ -42,6 +43,7 @@ SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -201,12 +203,22 @@ void decode_attention(const float *restrict q, const float *restrict k, const fl
     }
     free(p);
 }
+
+/* One token's k and v [Hkv, hd] stored at slot n of K and V [slots, Hkv, hd], then q [H, hd] attended
+   over slots 0..n: a chunk's cache step in one call */
+void append_attention(const float *q, const float *k, const float *v, float *K, float *V, float *out, long n,
+                      long H, long Hkv, long hd) {
+    memcpy(K + n * Hkv * hd, k, Hkv * hd * sizeof(float));
+    memcpy(V + n * Hkv * hd, v, Hkv * hd * sizeof(float));
+    decode_attention(q, K, V, out, n + 1, H, Hkv, hd);
+}
 """
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 
 
 SIGNATURES = {"gemv": "pppll", "gemv_add": "ppppll", "rms_norm": "ppfpl", "norm_gemv": "ppfpppll",
-              "rope_heads": "ppllif", "top_k": "pllpp", "swiglu": "ppppll", "decode_attention": "ppppllll"}
+              "rope_heads": "ppllif", "top_k": "pllpp", "swiglu": "ppppll", "decode_attention": "ppppllll",
+              "append_attention": "ppppppllll"}
 
 
 def _cpu_flags() -> str:
@@ -317,8 +329,14 @@ def ready(x: torch.Tensor, *weights) -> bool:
     if (x.dtype != torch.float32 or not x.is_cpu or x.numel() != x.shape[-1] or x.requires_grad
             or _library() is None):
         return False
-    return all(w is None or (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.is_cpu
-                             and w.is_contiguous() and not w.requires_grad) for w in weights)
+    return plain(*weights)
+
+
+def plain(*tensors) -> bool:
+    """Each (None allowed) a contiguous float32 CPU tensor, and the library built."""
+    return _library() is not None and all(
+        t is None or (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
+                      and not t.requires_grad) for t in tensors)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -383,4 +401,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     out = torch.empty(1, H * hd)
     _library().decode_attention(q.contiguous().data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), k.shape[0], H,
                                 k.shape[1], hd)
+    return out
+
+
+def append_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     n: int) -> torch.Tensor:
+    """One token (q [1, H, hd], k and v [1, Hkv, hd]): k and v stored at slot n of keys and values
+    [slots, Hkv, hd], then q attended over slots 0..n: [1, H * hd], decode_attention's numbers."""
+    H, Hkv, hd = q.shape[1], k.shape[1], q.shape[2]
+    out = torch.empty(1, H * hd)
+    _library().append_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                out.data_ptr(), n, H, Hkv, hd)
     return out
