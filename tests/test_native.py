@@ -173,3 +173,11 @@ def test_append_attention_stores_the_token_and_attends_as_decode_attention():
     out = native.append_attention(q, k, v, keys, values, 6)
     assert torch.equal(keys, want_k) and torch.equal(values, want_v)  # slot 6 written, the rest untouched
     assert torch.equal(out, decode_attention(q[0], keys[:7], values[:7]))
+
+
+def test_an_unusable_cache_directory_leaves_torchs_products(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # ~/.cache/moestream/native cannot be made
+    lib, why = native._build()
+    assert lib is None and why.startswith("build failed") and blocker.read_text() == "not a directory"

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import MoestreamError
 from ..files import FileLock, cache_dir, make_directory, temporary_name
 
 SOURCE = r"""
@@ -253,7 +254,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                 if not path.exists():  # another process may have built it while we waited
                     _compile(cc, path, flags)
         lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+    except (OSError, subprocess.SubprocessError, RuntimeError, MoestreamError) as e:  # an unwritable cache too
         return None, f"build failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     for name, types in SIGNATURES.items():
         fn = getattr(lib, name)
