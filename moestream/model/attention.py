@@ -30,7 +30,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     Three small kernels; cheaper than the general SDPA path when there is nothing to mask. In float32 on
     the CPU one C call (model/native.py).
     """
-    if native.ready(q[0], k, v):
+    if native.plain(q, k, v):
         return native.decode_attention(q, k, v)
     H, hd = q.shape
     kv_heads = k.shape[1]

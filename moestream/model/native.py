@@ -6,7 +6,7 @@ views, each GEMV pays MKL's per-call cost) at 1-2 us each before any arithmetic,
 its one-row float32 product read 11-13 GB/s where these loops read 15 on one thread and 40 on two
 (benchmarks/native_cpu.py). So each step of a block (model/llama4.py: the attention inputs, the
 output projection, the MoE inputs, a SwiGLU MLP or expert, the lm_head; one query's attention; a
-chunked layer's cache step) is, for one float32 row on the CPU, one call here: 190 torch ops a
+chunked layer's cache step) is, for one float32 row on the CPU, one call here: about 190 torch ops a
 token remain. Everything else (prompts, 16-bit and quantized weights, CUDA) stays with torch.
 
 The kernels compute the same formulas in another order of float32 additions than torch (16 partial
@@ -292,21 +292,21 @@ def _compile(cc: str, path: Path, flags: tuple[str, ...]) -> None:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(the library, "on") or (None, why not): built and checked once per process."""
     lib, why = _build()
     if lib is not None and not _agrees(lib):
-        lib, why = None, "built, but disagreed with torch on a check product: using torch's"
-    _status[0] = why or "on"
-    return lib
+        return None, "built, but disagreed with torch on a check product: using torch's"
+    return lib, why or "on"
 
 
-_status = ["not loaded yet"]
+def _library() -> ctypes.CDLL | None:
+    return _load()[0]
 
 
 def status() -> str:
     """"on", or why one-row float32 products are torch's."""
-    _library()
-    return _status[0]
+    return _load()[1]
 
 
 def _agrees(lib) -> bool:
@@ -327,8 +327,7 @@ def _agrees(lib) -> bool:
 def ready(x: torch.Tensor, *weights) -> bool:
     """x one float32 row on the CPU, each weight (None allowed) a contiguous float32 CPU tensor, and
     the library built."""
-    if (x.dtype != torch.float32 or not x.is_cpu or x.numel() != x.shape[-1] or x.requires_grad
-            or _library() is None):
+    if x.dtype != torch.float32 or not x.is_cpu or x.numel() != x.shape[-1] or x.requires_grad:
         return False
     return plain(*weights)
 
