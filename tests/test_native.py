@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 import moestream
 from moestream.model import native
+from moestream.model import formats
 from moestream.model.attention import decode_attention
+from moestream.model.formats import Int4Linear, Int8Linear
 from moestream.model.llama4 import apply_rope, rms_norm, rope_rotations
 from moestream.model.sampling import SamplingParams
 
@@ -86,6 +88,56 @@ def test_decode_attention_kernel_is_softmax_attention_with_grouped_heads(keys):
     torch.testing.assert_close(decode_attention(q, k, v), want, rtol=1e-5, atol=ATOL)
 
 
+def assert_bf16_close(got, want):
+    """got a result of float32 sums rounded to bfloat16 once: within one bfloat16 step of want."""
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [16, 48, 208])
+def test_int8_kernel_is_torchs_weight_only_product(k):
+    m = Int8Linear.quantize(rand(72, k))
+    x = rand(1, k).bfloat16()
+    got = native.int8_linear(x, m.q, m.scale)
+    assert got.dtype == torch.bfloat16
+    assert_bf16_close(got, x.float() @ (m.q.float() * m.scale.float()[:, None]).t())
+    assert_bf16_close(got, torch.ops.aten._weight_int8pack_mm(x, m.q, m.scale))
+
+
+@needs_kernels
+@pytest.mark.parametrize("k, group", [(256, 128), (192, 64), (96, 32)])
+def test_int4_kernel_reads_torchs_packing(k, group):
+    style, block = formats._int4_layout()
+    if style != "halves":
+        pytest.skip(f"torch packs int4 as {style} here: its kernel, not ours")
+    n = 3 * block
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    sz = torch.empty(k // group, n, 2, dtype=torch.bfloat16)
+    formats._int4_pack(lambda n0, n1: rand(n1 - n0, k), packed, sz)
+    x = rand(1, k).bfloat16()
+    got = native.int4_linear(x, packed, sz, block)
+    assert got.dtype == torch.bfloat16
+    assert_bf16_close(got, x.float() @ formats._affine(formats._int4_unpack(packed, (style, block)), sz))
+    assert_bf16_close(got, torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz))
+
+
+@needs_kernels
+def test_quantized_matrices_take_the_kernels_for_one_row_only(monkeypatch):
+    w, x = rand(128, 256), rand(1, 256)
+    int8, int4 = Int8Linear.quantize(w), Int4Linear.quantize(w)
+    calls = []
+    for name in ("int8_linear", "int4_linear"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    one, three = int8(x), int8(x.expand(3, -1))
+    assert one.dtype == torch.float32 and calls == ["int8_linear"]
+    assert_bf16_close(one, three[:1])
+    one, three = int4(x), int4(x.expand(3, -1))
+    if formats._int4_layout()[0] == "halves":
+        assert calls == ["int8_linear", "int4_linear"]
+    assert_bf16_close(one, three[:1])
+
+
 def test_ready_takes_only_one_float32_row_and_plain_contiguous_weights():
     x, w = rand(1, 32), rand(8, 32)
     on = native.status() == "on"
@@ -153,12 +205,13 @@ def test_no_compiler_or_switched_off_leaves_torchs_products(tmp_path, monkeypatc
 def test_sharing_rows_among_threads_changes_no_bit():
     """Big enough products are shared out by OpenMP (torch's threads); each row stays one thread's."""
     x, w, gate_up, down = rand(1, 256), rand(1024, 256), rand(2048, 256) * 0.1, rand(256, 1024) * 0.1
+    int8, int4 = Int8Linear.quantize(w), Int4Linear.quantize(w)
     before = torch.get_num_threads()
     try:
         out = {}
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            out[threads] = native.linear(x, w), native.swiglu(x, gate_up, down)
+            out[threads] = native.linear(x, w), native.swiglu(x, gate_up, down), int8(x), int4(x)
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(out[1], out[2]))

@@ -347,13 +347,19 @@ def _int8_rows(rows: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
 
 
 def _int8_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ (q [N, K] * s[:, None]).T on the CPU (bf16 activations): up to INT8_GEMM_ROWS - 1
-    rows by the weight-only int8 kernel, which reads 1 byte per weight but whose time grows with every
-    row; from INT8_GEMM_ROWS rows on, as a bf16 GEMM over the weights converted a chunk at a time."""
+    """x [..., K] @ (q [N, K] * s[:, None]).T on the CPU (bf16 activations): one row by native.py's
+    kernel (the same formula, as fast as torch's on an EPYC and fewer torch ops a step); up to INT8_GEMM_ROWS - 1 rows by the weight-only int8 kernel,
+    which reads 1 byte per weight but whose time grows with every row; from INT8_GEMM_ROWS rows on, as
+    a bf16 GEMM over the weights converted a chunk at a time."""
     if q.data_ptr() % 16:
         raise ValueError("int8 weights must start on a 16-byte boundary (the kernel's aligned loads)")
     x2 = _kernel_rows(x, q.shape[1])
-    y = _int8_gemm(x2, q, s) if x2.shape[0] >= INT8_GEMM_ROWS else torch.ops.aten._weight_int8pack_mm(x2, q, s)
+    if x2.shape[0] == 1 and native.available():
+        y = native.int8_linear(x2, q, s)
+    elif x2.shape[0] >= INT8_GEMM_ROWS:
+        y = _int8_gemm(x2, q, s)
+    else:
+        y = torch.ops.aten._weight_int8pack_mm(x2, q, s)
     return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
 
 
@@ -600,17 +606,25 @@ def _int4_pack(rows, packed: torch.Tensor, sz: torch.Tensor, symmetric: bool = F
 
 
 def _int4_matmul(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ W for W in the int4 kernel's packing, on the CPU (bf16 activations): up to
-    INT4_GEMM_ROWS - 1 rows by the kernel, whose time grows with every row; from INT4_GEMM_ROWS rows
-    on, where the layout allows, as a bf16 GEMM over the weights unpacked a chunk at a time."""
-    k = packed.shape[1] * 2
-    x2 = _kernel_rows(x, k)
-    style, block = _int4_layout()
-    if x2.shape[0] >= INT4_GEMM_ROWS and style == "halves" and packed.shape[0] % block == 0:
-        y = _int4_gemm(x2, packed, sz, block)
-    else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, k // sz.shape[0], sz)
+    """x [..., K] @ W for W in the int4 kernel's packing, on the CPU (bf16 activations): one row by
+    native.py's kernel where the layout allows (the same formula; torch's is bound by its arithmetic,
+    not by memory); up to INT4_GEMM_ROWS - 1 rows by torch's kernel, whose time grows with every row;
+    from INT4_GEMM_ROWS rows on, where the layout allows, as a bf16 GEMM over the weights unpacked a
+    chunk at a time."""
+    y = _int4_product(_kernel_rows(x, packed.shape[1] * 2), packed, sz)
     return y.view(*x.shape[:-1], packed.shape[0]).to(x.dtype)
+
+
+def _int4_product(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, gemm: bool = True) -> torch.Tensor:
+    """_int4_matmul's choice of kernel, for rows x2 [T, K] as _kernel_rows gives them: [T, N] bf16.
+    gemm False: never _int4_gemm (whose scratch int2's unfolded chunk occupies)."""
+    style, block = _int4_layout()
+    halves = style == "halves" and packed.shape[0] % block == 0
+    if x2.shape[0] == 1 and halves and native.available():
+        return native.int4_linear(x2, packed, sz, block)
+    if gemm and x2.shape[0] >= INT4_GEMM_ROWS and halves:
+        return _int4_gemm(x2, packed, sz, block)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, packed.shape[1] * 2 // sz.shape[0], sz)
 
 
 # Rows from which _int4_gemm beats the kernel. Scout's gate_up [16384, 5120], Xeon VM with AMX, 2
@@ -705,8 +719,8 @@ class Int2(_Quantized):
     byte per weight + 4 bytes per group. There is no 2-bit kernel: the buffer holds the int4
     kernel's packed bytes with two of them folded into one (their nibbles are 0..3), and a call
     unfolds a cache-sized chunk of output channels at a time (a mask, a shift and a mask) into a
-    reused scratch for aten._weight_int4pack_mm_for_cpu: measured 50x faster than dequantizing to
-    bfloat16 and multiplying. Sizes must be multiples of 32; group 32, 64 or 128."""
+    reused scratch for the int4 kernels (one row: native.py's; more: aten._weight_int4pack_mm_for_cpu):
+    measured 50x faster than dequantizing to bfloat16 and multiplying. Sizes must be multiples of 32; group 32, 64 or 128."""
 
     def __init__(self, name: str = "int2", group: int = 32, hqq_iters: int = 20):
         if group not in (32, 64, 128):
@@ -760,9 +774,8 @@ class Int2(_Quantized):
         k = folded.shape[1] * 4
         x2 = _kernel_rows(x, k)
         scratch = _scratch_buffer(rows * k // 2, torch.uint8, folded.device).view(rows, k // 2)
-        ys = [torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, self._unfold(folded[c * rows:(c + 1) * rows].view(-1), scratch), k // groups, sz[c])
-            for c in range(chunks)]
+        ys = [_int4_product(x2, self._unfold(folded[c * rows:(c + 1) * rows].view(-1), scratch), sz[c], gemm=False)
+              for c in range(chunks)]
         y = ys[0] if chunks == 1 else torch.cat(ys, dim=1)
         return y.view(*x.shape[:-1], folded.shape[0]).to(x.dtype)
 

@@ -7,7 +7,9 @@ its one-row float32 product read 11-13 GB/s where these loops read 15 on one thr
 (benchmarks/native_cpu.py). So each step of a block (model/llama4.py: the attention inputs, the
 output projection, the MoE inputs, a SwiGLU MLP or expert, the lm_head; one query's attention; a
 chunked layer's cache step) is, for one float32 row on the CPU, one call here: about 190 torch ops a
-token remain. Everything else (prompts, 16-bit and quantized weights, CUDA) stays with torch.
+token remain. One row through int8 or int4 weights (formats.py) is one call too, read from torch's
+own packing: torch's int4 kernel is bound by its arithmetic (21 GB/s of a Scout expert on two EPYC
+cores where these loops read 40). Everything else (prompts, bf16 weights, CUDA) stays with torch.
 
 The kernels compute the same formulas in another order of float32 additions than torch (16 partial
 sums added pairwise, then the tail; a scalar exp), so their results differ from torch's in the last
@@ -79,7 +81,15 @@ typedef struct job {
     void (*rows)(const struct job *, long, long);
     const float *w, *x, *r;
     float *y;
-    long N, K;
+    long N, K; /* N units (rows, or blocks of rows) of K weights each */
+    /* the 16-bit products' (int8, int4): weights, bfloat16 scales (and zero points), bfloat16 output,
+       the row's inputs summed per group, and the shapes */
+    const void *q;
+    const uint16_t *s;
+    uint16_t *out;
+    const float *xs;
+    const uint16_t *xb; /* the row's inputs as given, bfloat16 */
+    long k, group, half;
 } job;
 
 #define PARALLEL_ELEMENTS 16384 /* smaller products stay on the calling thread */
@@ -115,7 +125,254 @@ static void swiglu_rows(const job *j, long f0, long f1) {
     }
 }
 
+/* --- quantized weights, bfloat16 in and out (formats.py's int8 and int4) -------------------------
+   The formulas of torch's CPU kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu)
+   for one row, read from their own layouts: the input rounded to bfloat16, float32 sums, the output
+   rounded to bfloat16 once. The weights are widened in registers, never dequantized to memory. Left
+   to the compiler these loops vectorised badly (slower than torch's), so on x86 they are written
+   with AVX-512 or AVX2 intrinsics; each way makes the same fused multiply-adds in the same order as
+   the plain C beside it, so they give the same bits. Where the CPU has AVX512-BF16 and VBMI, int4
+   takes bfloat16 dot products instead (two products a lane, so other last bits than the plain C).
+   One build runs one of them for every row of a run, so resident, offloaded and batched agree. */
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+static inline float bf16_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
+static inline uint16_t f32_bf16(float f) { /* round to nearest even, as torch; NaN stays NaN */
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* acc[l] = sum over k = l mod 16 of q[k] x[k], added pairwise as dot() does, then the tail */
+static inline float int8_sum(const float *acc, const int8_t *q, const float *x, long k, long K) {
+    float t[8], u[4];
+    for (int l = 0; l < 8; l++) t[l] = acc[l] + acc[l + 8];
+    for (int l = 0; l < 4; l++) u[l] = t[l] + t[l + 4];
+    float sum = (u[0] + u[2]) + (u[1] + u[3]);
+    for (; k < K; k++) sum = fmaf((float)q[k], x[k], sum);
+    return sum;
+}
+
+/* y[n] = scale[n] * sum_k q[n, k] x[k]: q [N, K] int8, one bfloat16 scale per output channel; four
+   rows at a time, so that each load of x serves four */
+static void int8_rows(const job *j, long n0, long n1) {
+    const long K = j->K, body = K - K % LANES;
+    const float *x = j->x;
+    long n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const int8_t *q = (const int8_t *)j->q + n * K;
+        float acc[4][LANES];
+#if defined(__AVX512F__)
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (long k = 0; k < body; k += LANES) {
+            __m512 xv = _mm512_loadu_ps(x + k);
+#define ROW8(a, r) a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + (r) * K + k)))), xv, a)
+            ROW8(a0, 0); ROW8(a1, 1); ROW8(a2, 2); ROW8(a3, 3);
+#undef ROW8
+        }
+        _mm512_storeu_ps(acc[0], a0); _mm512_storeu_ps(acc[1], a1);
+        _mm512_storeu_ps(acc[2], a2); _mm512_storeu_ps(acc[3], a3);
+#elif defined(__AVX2__) && defined(__FMA__)
+        __m256 a[4][2];
+        for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+        for (long k = 0; k < body; k += LANES) {
+            __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+            for (int r = 0; r < 4; r++) {
+                __m128i b = _mm_loadu_si128((const __m128i *)(q + r * K + k));
+                a[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), x0, a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), x1, a[r][1]);
+            }
+        }
+        for (int r = 0; r < 4; r++) { _mm256_storeu_ps(acc[r], a[r][0]); _mm256_storeu_ps(acc[r] + 8, a[r][1]); }
+#else
+        for (int r = 0; r < 4; r++)
+            for (int l = 0; l < LANES; l++) acc[r][l] = 0.0f;
+        for (long k = 0; k < body; k += LANES)
+            for (int r = 0; r < 4; r++)
+                for (int l = 0; l < LANES; l++) acc[r][l] = fmaf((float)q[r * K + k + l], x[k + l], acc[r][l]);
+#endif
+        for (int r = 0; r < 4; r++) j->out[n + r] = f32_bf16(int8_sum(acc[r], q + r * K, x, body, K) * bf16_f32(j->s[n + r]));
+    }
+    for (; n < n1; n++) { /* the last rows, one by one: the same sums */
+        const int8_t *q = (const int8_t *)j->q + n * K;
+        float acc[LANES] = {0};
+        for (long k = 0; k < body; k += LANES)
+            for (int l = 0; l < LANES; l++) acc[l] = fmaf((float)q[k + l], x[k + l], acc[l]);
+        j->out[n] = f32_bf16(int8_sum(acc, q, x, body, K) * bf16_f32(j->s[n]));
+    }
+}
+
+/* One block of 2 * half output channels of a group-wise int4 matrix in torch's CPU packing: the
+   block is [K, half] bytes, byte c of input k holding channel c (low nibble) and c + half (high);
+   scales and zero points sz [K / group, N, 2]. Each weight is (q - 8) * scale + zero, so a group's
+   share of an output is scale * sum(q x) + (zero - 8 scale) * sum(x): the inner loop is a widening
+   and a multiply-add per weight, with the block's sums in registers, two sets of them (even and odd
+   inputs, added at the group's end) so that each multiply-add need not wait for the one before. half: 16 or 32 (the vector
+   paths), or any even number up to 64 (the plain C). */
+#if defined(__AVX512F__)
+#define VLANES 16
+typedef __m512 vfloat;
+#define VZERO() _mm512_setzero_ps()
+#define VSET1(v) _mm512_set1_ps(v)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps(p, v)
+/* 16 code bytes -> 16 floats per nibble: each byte widened once, then its two nibbles split */
+static inline void codes16(const uint8_t *r, vfloat *lo, vfloat *hi) {
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)r));
+    lo[0] = _mm512_cvtepi32_ps(_mm512_and_si512(d, _mm512_set1_epi32(15)));
+    hi[0] = _mm512_cvtepi32_ps(_mm512_srli_epi32(d, 4));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VLANES 8
+typedef __m256 vfloat;
+#define VZERO() _mm256_setzero_ps()
+#define VSET1(v) _mm256_set1_ps(v)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps(p, v)
+static inline void codes16(const uint8_t *r, vfloat *lo, vfloat *hi) {
+    for (int i = 0; i < 2; i++) {
+        const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(r + 8 * i)));
+        lo[i] = _mm256_cvtepi32_ps(_mm256_and_si256(d, _mm256_set1_epi32(15)));
+        hi[i] = _mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4));
+    }
+}
+#endif
+
+/* A group's sums into the block's outputs: y = fma(zero - 8 scale, sum(x), fma(scale, acc, y)) */
+static inline void int4_scale(float *y, const float *acc, const uint16_t *sz, float xs, long channels) {
+    for (long c = 0; c < channels; c++) {
+        const float s = bf16_f32(sz[2 * c]), z = bf16_f32(sz[2 * c + 1]);
+        y[c] = fmaf(fmaf(-8.0f, s, z), xs, fmaf(s, acc[c], y[c]));
+    }
+}
+
+static inline __attribute__((always_inline)) void int4_block(const job *j, long b, const long half) {
+    const long K = j->k, group = j->group, N = j->N * 2 * half;
+    const uint8_t *p = (const uint8_t *)j->q + b * K * half;
+    float y[128] = {0}, acc[128];
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+    /* Two inputs at a time by bfloat16 dot products (vdpbf16ps: two exact products added per lane, 32
+       multiply-adds an instruction): the bytes of inputs k and k + 1 are paired per channel (vpermb),
+       each nibble looked up as a bfloat16 (vpermw over bf16(i & 15) for i < 32), and a pair of
+       inputs multiplies a pair of codes. A third of the instructions of the widening path. */
+    uint16_t codes[32];
+    for (int i = 0; i < 32; i++) { union { float f; uint32_t u; } v = {(float)(i & 15)}; codes[i] = v.u >> 16; }
+    const __m512i table = _mm512_loadu_si512(codes);
+    __m512i pick[2];
+    for (int c = 0; c < 2; c++) {
+        uint8_t idx[64] = {0};
+        for (int i = 0; i < 16; i++) { idx[4 * i] = 16 * c + i; idx[4 * i + 2] = 32 + 16 * c + i; }
+        pick[c] = _mm512_loadu_si512(idx);
+    }
+#endif
+    for (long g = 0; g < K / group; g++) {
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+        if (half == 32) {
+            __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (long k = g * group; k < (g + 1) * group; k += 2) {
+                const __m512i rows = _mm512_loadu_si512(p + k * 32); /* input k's 32 bytes, then k + 1's */
+                uint32_t pair;
+                memcpy(&pair, j->xb + k, 4);
+                const __m512bh xk = (__m512bh)_mm512_set1_epi32((int)pair);
+                for (int c = 0; c < 2; c++) { /* channels 16c.. (low nibbles) and 32 + 16c.. (high) */
+                    const __m512i d = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, pick[c], rows);
+                    a[c] = _mm512_dpbf16_ps(a[c], (__m512bh)_mm512_permutexvar_epi16(d, table), xk);
+                    a[2 + c] = _mm512_dpbf16_ps(a[2 + c], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), table), xk);
+                }
+            }
+            for (int v = 0; v < 4; v++) _mm512_storeu_ps(acc + 16 * v, a[v]);
+        } else
+#endif
+#if defined(VLANES)
+        if (half == 16 || half == 32) {
+            vfloat a[2][64 / VLANES];
+            for (long v = 0; v < 2 * half / VLANES; v++) a[0][v] = a[1][v] = VZERO();
+            for (long k = g * group; k < (g + 1) * group; k += 2)
+                for (long odd = 0; odd < 2; odd++) {
+                    const vfloat xk = VSET1(j->x[k + odd]);
+                    for (long c = 0; c < half / 16; c++) {
+                        vfloat lo[16 / VLANES], hi[16 / VLANES];
+                        codes16(p + (k + odd) * half + 16 * c, lo, hi);
+                        for (long i = 0; i < 16 / VLANES; i++) {
+                            vfloat *e = a[odd] + (16 * c) / VLANES + i, *f = a[odd] + (half + 16 * c) / VLANES + i;
+                            *e = VFMA(xk, lo[i], *e);
+                            *f = VFMA(xk, hi[i], *f);
+                        }
+                    }
+                }
+            for (long v = 0; v < 2 * half / VLANES; v++) VSTORE(acc + v * VLANES, VADD(a[0][v], a[1][v]));
+        } else
+#endif
+        {
+            float odd[128];
+            for (long c = 0; c < 2 * half; c++) acc[c] = odd[c] = 0.0f;
+            for (long k = g * group; k < (g + 1) * group; k++) {
+                const float xk = j->x[k];
+                const uint8_t *r = p + k * half;
+                float *e = k & 1 ? odd : acc;
+                for (long c = 0; c < half; c++) {
+                    e[c] = fmaf(xk, (float)(r[c] & 15), e[c]);
+                    e[c + half] = fmaf(xk, (float)(r[c] >> 4), e[c + half]);
+                }
+            }
+            for (long c = 0; c < 2 * half; c++) acc[c] += odd[c];
+        }
+        int4_scale(y, acc, j->s + (g * N + b * 2 * half) * 2, j->xs[g], 2 * half);
+    }
+    for (long c = 0; c < 2 * half; c++) j->out[b * 2 * half + c] = f32_bf16(y[c]);
+}
+
+static void int4_rows(const job *j, long b0, long b1) {
+    for (long b = b0; b < b1; b++) {
+        if (j->half == 32) int4_block(j, b, 32);
+        else if (j->half == 16) int4_block(j, b, 16);
+        else int4_block(j, b, j->half);
+    }
+}
+
+/* x [K] bfloat16 as float32 in xf, and (group > 0) its sums per group in xs */
+static void widen(const uint16_t *x, float *xf, float *xs, long K, long group) {
+    for (long k = 0; k < K; k++) xf[k] = bf16_f32(x[k]);
+    for (long g = 0; group && g < K / group; g++) {
+        float sum = 0.0f;
+        for (long k = g * group; k < (g + 1) * group; k++) sum += xf[k];
+        xs[g] = sum;
+    }
+}
+
 /* --- the steps ----------------------------------------------------------------------------------- */
+/* y = x @ (q * scale[:, None]).T for one bfloat16 row x [K]: q [N, K] int8, scale [N] bfloat16 */
+void int8_gemv(const uint16_t *x, const int8_t *q, const uint16_t *scale, uint16_t *y, long N, long K) {
+    float *xf = malloc(K * sizeof(float));
+    widen(x, xf, 0, K, 0);
+    job j = {.rows = int8_rows, .x = xf, .N = N, .K = K, .q = q, .s = scale, .out = y};
+    run(&j);
+    free(xf);
+}
+
+/* y = x @ W for one bfloat16 row x [K], W group-wise int4 in torch's CPU packing: packed [N, K / 2]
+   in blocks of `block` channels ("halves"), sz [K / group, N, 2] bfloat16 scales and zero points */
+void int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, uint16_t *y, long N, long K, long group,
+               long block) {
+    float *xf = malloc((K + K / group) * sizeof(float));
+    widen(x, xf, xf + K, K, group);
+    job j = {.rows = int4_rows, .x = xf, .N = N / block, .K = K * block, .q = packed, .s = sz, .out = y, .xs = xf + K,
+             .xb = x, .k = K, .group = group, .half = block / 2};
+    run(&j);
+    free(xf);
+}
+
+
 /* y = W x for W^T [N, K] (nn.Linear's orientation), rows contiguous */
 void gemv(const float *w, const float *x, float *y, long N, long K) {
     job j = {gemv_rows, w, x, 0, y, N, K};
@@ -219,7 +476,7 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 
 SIGNATURES = {"gemv": "pppll", "gemv_add": "ppppll", "rms_norm": "ppfpl", "norm_gemv": "ppfpppll",
               "rope_heads": "ppllif", "top_k": "pllpp", "swiglu": "ppppll", "decode_attention": "ppppllll",
-              "append_attention": "ppppppllll"}
+              "append_attention": "ppppppllll", "int8_gemv": "ppppll", "int4_gemv": "ppppllll"}
 
 
 def _cpu_flags() -> str:
@@ -413,3 +670,27 @@ def append_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
     _library().append_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), keys.data_ptr(), values.data_ptr(),
                                 out.data_ptr(), n, H, Hkv, hd)
     return out
+
+
+def available() -> bool:
+    """Whether the library is built (the quantized products check their own layouts)."""
+    return _library() is not None
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """One bfloat16 row x [1, K] @ (q [N, K] int8 * scale [N] bfloat16).T: [1, N] bfloat16, the numbers of
+    aten._weight_int8pack_mm within float32 rounding, rounded to bfloat16 once."""
+    y = torch.empty(1, q.shape[0], dtype=torch.bfloat16)
+    _library().int8_gemv(x.contiguous().data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), *q.shape)
+    return y
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, block: int) -> torch.Tensor:
+    """One bfloat16 row x [1, K] @ W, W group-wise int4 in aten._convert_weight_to_int4pack_for_cpu's
+    "halves" packing (blocks of `block` channels): [1, N] bfloat16, the numbers of
+    aten._weight_int4pack_mm_for_cpu within float32 rounding, rounded to bfloat16 once."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    y = torch.empty(1, n, dtype=torch.bfloat16)
+    _library().int4_gemv(x.contiguous().data_ptr(), packed.data_ptr(), sz.data_ptr(), y.data_ptr(), n, k,
+                         k // sz.shape[0], block)
+    return y
