@@ -348,9 +348,10 @@ def _int8_rows(rows: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
 
 def _int8_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (q [N, K] * s[:, None]).T on the CPU (bf16 activations): one row by native.py's
-    kernel (the same formula, as fast as torch's on an EPYC and fewer torch ops a step); up to INT8_GEMM_ROWS - 1 rows by the weight-only int8 kernel,
-    which reads 1 byte per weight but whose time grows with every row; from INT8_GEMM_ROWS rows on, as
-    a bf16 GEMM over the weights converted a chunk at a time."""
+    kernel (the same formula, as fast as torch's on an EPYC and fewer torch ops a step); up to
+    INT8_GEMM_ROWS - 1 rows by the weight-only int8 kernel, which reads 1 byte per weight but whose
+    time grows with every row; from INT8_GEMM_ROWS rows on, as a bf16 GEMM over the weights converted
+    a chunk at a time."""
     if q.data_ptr() % 16:
         raise ValueError("int8 weights must start on a 16-byte boundary (the kernel's aligned loads)")
     x2 = _kernel_rows(x, q.shape[1])
@@ -720,7 +721,8 @@ class Int2(_Quantized):
     kernel's packed bytes with two of them folded into one (their nibbles are 0..3), and a call
     unfolds a cache-sized chunk of output channels at a time (a mask, a shift and a mask) into a
     reused scratch for the int4 kernels (one row: native.py's; more: aten._weight_int4pack_mm_for_cpu):
-    measured 50x faster than dequantizing to bfloat16 and multiplying. Sizes must be multiples of 32; group 32, 64 or 128."""
+    measured 50x faster than dequantizing to bfloat16 and multiplying. Sizes must be multiples of 32;
+    group 32, 64 or 128."""
 
     def __init__(self, name: str = "int2", group: int = 32, hqq_iters: int = 20):
         if group not in (32, 64, 128):

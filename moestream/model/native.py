@@ -58,16 +58,22 @@ __attribute__((noinline)) static float tail(const float *restrict a, const float
     return s;
 }
 
-/* sum_k a[k] * b[k]: 16 partial sums over k mod 16 (one vector register), added pairwise (8, 4, 2,
-   1: a short chain where sixteen in a row would wait on each other), then the tail */
-static inline float dot(const float *restrict a, const float *restrict b, long K) {
-    long body = K - K % LANES;
-    float acc[LANES] = {0}, t[8], u[4];
-    for (long k = 0; k < body; k += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += a[k + j] * b[k + j];
+/* 16 partial sums added pairwise (8, 4, 2, 1: a short chain where sixteen in a row would wait on
+   each other) */
+static inline float pairwise(const float *acc) {
+    float t[8], u[4];
     for (int j = 0; j < 8; j++) t[j] = acc[j] + acc[j + 8];
     for (int j = 0; j < 4; j++) u[j] = t[j] + t[j + 4];
-    return tail(a, b, body, K, (u[0] + u[2]) + (u[1] + u[3]));
+    return (u[0] + u[2]) + (u[1] + u[3]);
+}
+
+/* sum_k a[k] * b[k]: 16 partial sums over k mod 16 (one vector register), added pairwise, then the tail */
+static inline float dot(const float *restrict a, const float *restrict b, long K) {
+    long body = K - K % LANES;
+    float acc[LANES] = {0};
+    for (long k = 0; k < body; k += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += a[k + j] * b[k + j];
+    return tail(a, b, body, K, pairwise(acc));
 }
 
 /* --- rows of a matrix-vector product shared out among threads ------------------------------------
@@ -82,8 +88,8 @@ typedef struct job {
     const float *w, *x, *r;
     float *y;
     long N, K; /* N units (rows, or blocks of rows) of K weights each */
-    /* the 16-bit products' (int8, int4): weights, bfloat16 scales (and zero points), bfloat16 output,
-       the row's inputs summed per group, and the shapes */
+    /* the quantized products' (int8, int4): weights, bfloat16 scales (and zero points), bfloat16
+       output, the row's inputs summed per group, and the shapes */
     const void *q;
     const uint16_t *s;
     uint16_t *out;
@@ -151,10 +157,7 @@ static inline uint16_t f32_bf16(float f) { /* round to nearest even, as torch; N
 
 /* acc[l] = sum over k = l mod 16 of q[k] x[k], added pairwise as dot() does, then the tail */
 static inline float int8_sum(const float *acc, const int8_t *q, const float *x, long k, long K) {
-    float t[8], u[4];
-    for (int l = 0; l < 8; l++) t[l] = acc[l] + acc[l + 8];
-    for (int l = 0; l < 4; l++) u[l] = t[l] + t[l + 4];
-    float sum = (u[0] + u[2]) + (u[1] + u[3]);
+    float sum = pairwise(acc);
     for (; k < K; k++) sum = fmaf((float)q[k], x[k], sum);
     return sum;
 }
@@ -213,8 +216,8 @@ static void int8_rows(const job *j, long n0, long n1) {
    scales and zero points sz [K / group, N, 2]. Each weight is (q - 8) * scale + zero, so a group's
    share of an output is scale * sum(q x) + (zero - 8 scale) * sum(x): the inner loop is a widening
    and a multiply-add per weight, with the block's sums in registers, two sets of them (even and odd
-   inputs, added at the group's end) so that each multiply-add need not wait for the one before. half: 16 or 32 (the vector
-   paths), or any even number up to 64 (the plain C). */
+   inputs, added at the group's end) so that each multiply-add need not wait for the one before.
+   half: 16 or 32 (the vector paths), or any even number up to 64 (the plain C). */
 #if defined(__AVX512F__)
 #define VLANES 16
 typedef __m512 vfloat;
@@ -222,7 +225,6 @@ typedef __m512 vfloat;
 #define VSET1(v) _mm512_set1_ps(v)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm512_add_ps(a, b)
-#define VLOAD(p) _mm512_loadu_ps(p)
 #define VSTORE(p, v) _mm512_storeu_ps(p, v)
 /* 16 code bytes -> 16 floats per nibble: each byte widened once, then its two nibbles split */
 static inline void codes16(const uint8_t *r, vfloat *lo, vfloat *hi) {
@@ -237,7 +239,6 @@ typedef __m256 vfloat;
 #define VSET1(v) _mm256_set1_ps(v)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm256_add_ps(a, b)
-#define VLOAD(p) _mm256_loadu_ps(p)
 #define VSTORE(p, v) _mm256_storeu_ps(p, v)
 static inline void codes16(const uint8_t *r, vfloat *lo, vfloat *hi) {
     for (int i = 0; i < 2; i++) {
