@@ -111,7 +111,7 @@ class LLM:
         seeing = [f"vision tower loaded ({fmt_bytes(self.vision.nbytes)} on {self.device}): images work; --no-vision "
                   "skips it"] if self.vision is not None else []
         native_note = []
-        if self.device.type == "cpu" and self.dtype == torch.float32 and (kernels := native.status()) != "on":
+        if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) and (kernels := native.status()) != "on":
             native_note = [f"decode steps through torch op by op, not moestream's C kernels: {kernels}"]
         return self.checkpoint.notes + seeing + ([self.graph_note] if self.graph_note else []) + native_note
 

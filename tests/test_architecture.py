@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moestream"
 # bottom to top; a unit is a top-level module (errors) or a folder (model)
 FLOORS = [
     ("errors",),  # the one exception type
-    ("files", "units", "data"),  # safe file writes; size/count parsing and formatting; the embedded data
+    ("files", "units", "data", "memory"),  # safe file writes; size/count parsing and formatting; the embedded data; weights on huge pages
     ("profiling",),  # spans, counters, routing traces, profile reports: written by every part above
     ("config",),  # settings declared once
     ("model",),  # config dialects, presets, checkpoint, the experts seam, Llama 4, tokenizer, sampling

@@ -276,23 +276,37 @@ def test_plain_experts_on_the_cpu_are_stored_output_major():
 
 
 # --- oneDNN's layout for resident bf16 matrices on the CPU (PackedLinear) -------------------------------
-needs_onednn_bf16 = pytest.mark.skipif(not fm.prepacks(torch.bfloat16, "cpu", expert=True),
+needs_onednn_bf16 = pytest.mark.skipif(not fm.onednn_bf16() or fm.onednn_may_use_amx(),
                                        reason="no packed experts here: this CPU's oneDNN has no bf16 kernels, or may "
                                               "take AMX")
 
 
-def test_no_packed_experts_where_onednn_may_take_amx(monkeypatch):
+@pytest.fixture
+def without_kernels(monkeypatch):
+    """As where native.py's library cannot be built: resident bf16 matrices pack for oneDNN."""
+    monkeypatch.setattr(fm.native, "_library", lambda: None)
+
+
+def test_nothing_packs_where_the_c_kernels_take_bf16_rows(monkeypatch):
+    """The kernels read the plain layout, so with them every bf16 matrix stays one plain tensor."""
+    monkeypatch.setattr(fm.native, "available", lambda: True)
+    monkeypatch.setattr(fm, "onednn_may_use_amx", lambda: False)
+    assert not fm.prepacks(torch.bfloat16, "cpu") and not fm.prepacks(torch.bfloat16, "cpu", expert=True)
+
+
+def test_no_packed_experts_where_onednn_may_take_amx(monkeypatch, without_kernels):
     """With AMX the packed and the plain bf16 matmuls differ in the last bits, and an offloaded expert
     stays plain: so no packed expert where oneDNN may take AMX, unless oneDNN is capped below it.
     Matrices that are never offloaded pack either way."""
     bf16_kernels = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert fm.onednn_bf16() is bf16_kernels
     monkeypatch.setattr(fm, "onednn_may_use_amx", lambda: True)
     assert not fm.prepacks(torch.bfloat16, "cpu", expert=True)
     assert fm.prepacks(torch.bfloat16, "cpu") is bf16_kernels
     monkeypatch.setattr(fm, "onednn_may_use_amx", lambda: False)
     assert fm.prepacks(torch.bfloat16, "cpu", expert=True) is bf16_kernels
     assert not fm.prepacks(torch.float32, "cpu") and not fm.prepacks(torch.bfloat16, "cuda")
-    monkeypatch.undo()
+    monkeypatch.undo()  # the kernels too: what follows needs neither
     probe = fm.onednn_may_use_amx.__wrapped__  # uncached: reads the environment and the CPU each call
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
@@ -304,9 +318,13 @@ def test_no_packed_experts_where_onednn_may_take_amx(monkeypatch):
         assert probe() is cpu_says  # not capped below it: the CPU decides
 
 
-def test_resident_bf16_expert_computes_the_offloaded_ones_bits():
-    """Whatever this CPU packs, a resident (settled) bf16 expert gives the bits of the plain expert an
-    offload cache runs, at input sizes where AMX's packed kernel would differ (512 and up)."""
+@pytest.mark.parametrize("kernels", [True, False])
+def test_resident_bf16_expert_computes_the_offloaded_ones_bits(monkeypatch, kernels):
+    """Whatever this CPU packs, with native.py's kernels or without, a resident (settled) bf16 expert
+    gives the bits of the plain expert an offload cache runs, at input sizes where AMX's packed kernel
+    would differ (512 and up)."""
+    if not kernels:
+        monkeypatch.setattr(fm.native, "_library", lambda: None)
     fmt, hidden, inter = CPU_FORMATS["bf16"], 512, 256  # gate_up [512, 512], down [512, 256]
     expert = fmt.expert(packed(fmt, weights(hidden, inter)), hidden, inter)
     settled = fmt.settle(expert, torch.bfloat16)
@@ -332,7 +350,7 @@ def test_packed_linear_is_f_linear_bit_for_bit(n, k):
 
 
 @needs_onednn_bf16
-def test_settled_bf16_expert_on_the_cpu_is_packed_and_computes_the_same():
+def test_settled_bf16_expert_on_the_cpu_is_packed_and_computes_the_same(without_kernels):
     fmt, hidden, inter = CPU_FORMATS["bf16"], 128, 192
     buf = packed(fmt, weights(hidden, inter))
     expert = fmt.expert(buf, hidden, inter)

@@ -122,6 +122,27 @@ def test_int4_kernel_reads_torchs_packing(k, group):
 
 
 @needs_kernels
+@pytest.mark.parametrize("n,k", [(40, 37), (72, 64), (9, 200), (130, 96)])  # tails past 32 and 16, odd tiles
+def test_bf16_kernel_is_f_linear_and_a_batch_gives_each_rows_bits(n, k):
+    """Up to BF16_ROWS rows are the C kernel's (one row, or tiles of a few): F.linear's formula within
+    one bf16 step, and each row's bits in a batch are the ones it has alone, so a batched decode step
+    computes what each sequence would. More rows are oneDNN's GEMM over w as it lies."""
+    w = rand(n, k).bfloat16()
+    for rows in range(1, native.BF16_ROWS + 1):
+        x = rand(rows, k).bfloat16()
+        got = native.linear(x, w)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        assert_bf16_close(got, x.float() @ w.float().t())
+        assert torch.equal(got, torch.cat([native.linear(x[i:i + 1], w) for i in range(rows)]))
+    x = rand(2, native.BF16_ROWS + 1, k).bfloat16()
+    got = native.linear(x, w)
+    assert got.shape == (2, native.BF16_ROWS + 1, n) and got.is_contiguous()
+    assert_bf16_close(got, x.float() @ w.float().t())
+    assert native.linear(rand(1, k), w.float()).dtype == torch.float32  # float32 stays float32's kernel
+    assert native.linear(x[0, :2], w.t().contiguous().t()).shape == (2, n)  # w not contiguous: F.linear
+
+
+@needs_kernels
 def test_quantized_matrices_take_the_kernels_for_one_row_only(monkeypatch):
     w, x = rand(128, 256), rand(1, 256)
     int8, int4 = Int8Linear.quantize(w), Int4Linear.quantize(w)
@@ -205,13 +226,14 @@ def test_no_compiler_or_switched_off_leaves_torchs_products(tmp_path, monkeypatc
 def test_sharing_rows_among_threads_changes_no_bit():
     """Big enough products are shared out by OpenMP (torch's threads); each row stays one thread's."""
     x, w, gate_up, down = rand(1, 256), rand(1024, 256), rand(2048, 256) * 0.1, rand(256, 1024) * 0.1
-    int8, int4 = Int8Linear.quantize(w), Int4Linear.quantize(w)
+    int8, int4, xb, wb = Int8Linear.quantize(w), Int4Linear.quantize(w), rand(3, 256).bfloat16(), w.bfloat16()
     before = torch.get_num_threads()
     try:
         out = {}
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            out[threads] = native.linear(x, w), native.swiglu(x, gate_up, down), int8(x), int4(x)
+            out[threads] = (native.linear(x, w), native.swiglu(x, gate_up, down), int8(x), int4(x),
+                            native.linear(xb[:1], wb), native.linear(xb, wb))
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(out[1], out[2]))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import memory
 from ..errors import MoestreamError
 from . import native
 
@@ -104,14 +105,23 @@ class Expert:
 # --- oneDNN's blocked layout for resident bf16 matrices on the CPU --------------------------------------
 def prepacks(dtype: torch.dtype, device, expert: bool = False) -> bool:
     """Whether a resident matrix of this dtype on this device is reordered once into oneDNN's blocked
-    layout (PackedLinear): bfloat16 on a CPU whose oneDNN has bf16 kernels. A resident expert only
-    where oneDNN cannot take AMX: with AVX512-BF16 both layouts run one kernel family and agree bit for
-    bit, but with AMX the packed and the plain matmul accumulate in other orders (seen on a Xeon:
-    last-bit differences from 512 inputs on), and an offloaded expert, which stays plain, must compute
-    what a resident one does. Attention, shared experts and the lm_head are never offloaded: they pack
-    wherever oneDNN can (on that Xeon a one-token GEMV 1.07-1.58x faster packed, 512 rows 0.87-0.95x)."""
-    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported() and not (expert and onednn_may_use_amx()))
+    layout (PackedLinear): bfloat16 on a CPU whose oneDNN has bf16 kernels, and only where native.py's
+    C kernels are not built. Those take one bf16 row from the plain layout, faster than oneDNN's packed
+    GEMV (Scout's gate_up, one row: 19 / 27 GB/s against 11 / 20 at 1 / 2 threads), so with them
+    nothing packs: one copy of each matrix, and an offloaded expert (plain, it is copied) computes
+    what a resident one does by construction. Without them, a resident expert packs only where oneDNN
+    cannot take AMX: with AVX512-BF16 both layouts run one kernel family and agree bit for bit, but
+    with AMX the packed and the plain matmul accumulate in other orders (seen on a Xeon: last-bit
+    differences from 512 inputs on). Attention, shared experts and the lm_head are never offloaded:
+    they pack wherever oneDNN can (on that Xeon a one-token GEMV 1.07-1.58x faster packed, 512 rows
+    0.87-0.95x)."""
+    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not native.available()
+            and onednn_bf16() and not (expert and onednn_may_use_amx()))
+
+
+def onednn_bf16() -> bool:
+    """Whether this torch's oneDNN has bf16 kernels for this CPU (what PackedLinear needs)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @functools.cache
@@ -130,10 +140,11 @@ def onednn_may_use_amx() -> bool:
 
 class PackedLinear:
     """A resident bf16 nn.Linear weight [N, K] on the CPU in oneDNN's blocked layout, multiplied by the
-    oneDNN linear that reads it. A one-token GEMV over a Scout-sized matrix then reads 21 GB/s where
-    F.linear reads 15 (2 threads; benchmarks/formats_cpu.py), prefill is no slower, and the result is
-    F.linear's, bit for bit (tested), where `prepacks` allows experts: oneDNN computes both. The packed
-    tensor is opaque (no view, no copy elsewhere), so only weights that stay put are packed."""
+    oneDNN linear that reads it: where native.py's kernels are not built. A one-token GEMV over a
+    Scout-sized matrix then reads 21 GB/s where F.linear reads 15 (2 threads; benchmarks/formats_cpu.py),
+    prefill is no slower, and the result is F.linear's, bit for bit (tested), where `prepacks` allows
+    experts: oneDNN computes both. The packed tensor is opaque (no view, no copy elsewhere), so only
+    weights that stay put are packed."""
 
     __slots__ = ("w", "nbytes")
 
@@ -192,7 +203,8 @@ class Plain(ExpertFormat):
 
     As the checkpoint has them (x@W, [K, N]), a fused checkpoint's slices of this dtype are read
     straight into the two parts (raw reads). out_major stores each matrix as W^T [N, K] (nn.Linear's
-    orientation) and multiplies by F.linear instead: what 16-bit experts use on the CPU, where torch's
+    orientation) and multiplies by native.linear instead (F.linear but for one float32 row, or a few
+    bf16 ones, on the CPU: C kernels): what 16-bit experts use on the CPU, where torch's
     bf16 matmul reads a [K, N] matrix at 9.1 GB/s and the same matrix output-major at 16 (Scout's
     gate_up, one token, 2 threads); those buffers are packed (transposed), never read raw."""
 
@@ -226,8 +238,8 @@ class Plain(ExpertFormat):
         return Expert(buffer, self.layout(hidden, inter).views(buffer), self.matmul, out_major=self.out_major)
 
     def settle(self, expert: Expert, compute_dtype: torch.dtype) -> Expert:
-        """Output-major bf16 computed in bf16 on the CPU: both matrices into oneDNN's layout
-        (PackedLinear), the buffer let go."""
+        """Output-major bf16 computed in bf16 on the CPU, where `prepacks` says so (no C kernels): both
+        matrices into oneDNN's layout (PackedLinear), the buffer let go."""
         if not (self.out_major and compute_dtype == self.dtype and prepacks(self.dtype, expert.buffer.device, expert=True)):
             return expert
         return Expert(None, {k: PackedLinear(w) for k, w in expert.parts.items()}, self.matmul, expert.nbytes)
@@ -403,7 +415,7 @@ class Int8Linear:
         if k % 16:
             raise MoestreamError(f"--resident-dtype int8 needs input sizes that are multiples of 16 (a matrix of this "
                                  f"model has {k}): use --resident-dtype auto")
-        q = torch.empty(n, k, dtype=torch.int8, device=w.device)
+        q = memory.empty((n, k), torch.int8, w.device)
         s = torch.empty(n, dtype=torch.bfloat16, device=w.device)
         for n0, n1 in _spans(n, k):
             _int8_rows(w[n0:n1].float(), q[n0:n1], s[n0:n1])
@@ -681,8 +693,8 @@ class Int4Linear:
     @classmethod
     def quantize(cls, w: torch.Tensor) -> "Int4Linear":
         n, k = w.shape
-        packed = torch.empty(n, k // 2, dtype=torch.uint8)
-        sz = torch.empty(k // cls._group(k), n, 2, dtype=torch.bfloat16)
+        packed = memory.empty((n, k // 2), torch.uint8)
+        sz = memory.empty((k // cls._group(k), n, 2), torch.bfloat16)
         _int4_pack(lambda n0, n1: w[n0:n1].float().cpu(), packed, sz)
         return cls(packed.to(w.device), sz.to(w.device))
 

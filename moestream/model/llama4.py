@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import memory
 from ..profiling.recorder import NULL
 from .attention import attend
 from .checkpoint import Checkpoint
@@ -163,7 +164,7 @@ def lm_head(c: ModelConfig, x: torch.Tensor, norm: torch.Tensor, head) -> torch.
 
 # --- weights -------------------------------------------------------------------------------------
 # A matrix below is a tensor at the compute dtype, with --resident-dtype int8 / int4 an Int8Linear /
-# Int4Linear, or in bf16 on the CPU a PackedLinear (embeddings, norms and routers always stay
+# Int4Linear, or in bf16 on a CPU without the C kernels a PackedLinear (embeddings, norms and routers always stay
 # tensors); `linear` multiplies any of them.
 Matrix = torch.Tensor | Int8Linear | Int4Linear | PackedLinear
 
@@ -229,8 +230,9 @@ def load_weights(ckpt: Checkpoint, device, dtype, resident_dtype: str = "auto") 
     """The resident weights, read from the checkpoint onto the compute device (never a routed expert).
     resident_dtype "int8" / "int4": the attention, shared-expert, dense-MLP and lm_head matrices are
     quantized as they are read (one matrix at a time, so the peak is one bf16 matrix).
-    In bf16 on the CPU they are re-laid for oneDNN instead (PackedLinear: the same numbers, faster),
-    but for an lm_head tied to the embedding table, which stays one tensor."""
+    Large ones sit on huge pages (memory.streamed). In bf16 on the CPU without native.py's kernels they
+    are re-laid for oneDNN instead (PackedLinear: the same numbers, faster), but for an lm_head tied to
+    the embedding table, which stays one tensor."""
     def w(name: str) -> torch.Tensor:
         return ckpt.read(name).to(device=device, dtype=dtype)
 
@@ -238,7 +240,7 @@ def load_weights(ckpt: Checkpoint, device, dtype, resident_dtype: str = "auto") 
         m = torch.cat([w(n) for n in names]) if len(names) > 1 else w(names[0])
         if resident_dtype in ("int8", "int4"):
             return (Int8Linear if resident_dtype == "int8" else Int4Linear).quantize(m)
-        return PackedLinear(m) if pack and prepacks(m.dtype, m.device) else m
+        return PackedLinear(m) if pack and prepacks(m.dtype, m.device) else memory.streamed(m)
 
     def mlp(prefix: str) -> MLPWeights:
         return MLPWeights(matrix(prefix + "gate_proj.weight", prefix + "up_proj.weight"), matrix(prefix + "down_proj.weight"))

@@ -9,7 +9,10 @@ output projection, the MoE inputs, a SwiGLU MLP or expert, the lm_head; one quer
 chunked layer's cache step) is, for one float32 row on the CPU, one call here: about 190 torch ops a
 token remain. One row through int8 or int4 weights (formats.py) is one call too, read from torch's
 own packing: torch's int4 kernel is bound by its arithmetic (21 GB/s of a Scout expert on two EPYC
-cores where these loops read 40). Everything else (prompts, bf16 weights, CUDA) stays with torch.
+cores where these loops read 40). So is a decode step's rows (up to four: one sequence, or a small
+batch) through plain bf16 weights: oneDNN's GEMV wants its own blocked layout, which an offloaded
+expert (copied as it is stored) cannot keep, and reads 11 / 20 GB/s of Scout's gate_up at 1 / 2
+threads packed where this reads 19 / 27 unpacked. Everything else (prompts, CUDA) stays with torch.
 
 The kernels compute the same formulas in another order of float32 additions than torch (16 partial
 sums added pairwise, then the tail; a scalar exp), so their results differ from torch's in the last
@@ -96,6 +99,7 @@ typedef struct job {
     const float *xs;
     const uint16_t *xb; /* the row's inputs as given, bfloat16 */
     long k, group, half;
+    long M; /* input rows (bfloat16 products of a few rows) */
 } job;
 
 #define PARALLEL_ELEMENTS 16384 /* smaller products stay on the calling thread */
@@ -155,61 +159,174 @@ static inline uint16_t f32_bf16(float f) { /* round to nearest even, as torch; N
     return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 
-/* acc[l] = sum over k = l mod 16 of q[k] x[k], added pairwise as dot() does, then the tail */
-static inline float int8_sum(const float *acc, const int8_t *q, const float *x, long k, long K) {
-    float sum = pairwise(acc);
-    for (; k < K; k++) sum = fmaf((float)q[k], x[k], sum);
-    return sum;
+/* The weights of a plain matrix, widened to float32: int8 codes or bfloat16 values */
+enum { INT8, BF16 };
+
+static inline float weight(int kind, const void *w, long i) {
+    return kind == INT8 ? (float)((const int8_t *)w)[i] : bf16_f32(((const uint16_t *)w)[i]);
 }
 
-/* y[n] = scale[n] * sum_k q[n, k] x[k]: q [N, K] int8, one bfloat16 scale per output channel; four
-   rows at a time, so that each load of x serves four */
-static void int8_rows(const job *j, long n0, long n1) {
+#if defined(__AVX512F__)
+static inline __m512 weights16(int kind, const void *w, long i) {
+    if (kind == INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + i))));
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline __m256 weights8(int kind, const void *w, long i) {
+    if (kind == INT8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+/* Row n's output from its partial sums acc[l] (over k = l mod 16): added pairwise as dot() does, the
+   tail, the channel's scale (int8), rounded to bfloat16 */
+static inline uint16_t row_out(const job *j, const float *acc, int kind, long n, long body, const float *x) {
+    float sum = pairwise(acc);
+    for (long k = body; k < j->K; k++) sum = fmaf(weight(kind, j->q, n * j->K + k), x[k], sum);
+    return f32_bf16(kind == INT8 ? sum * bf16_f32(j->s[n]) : sum);
+}
+
+/* Rows at a time: each load of x serves them all, and more streams of weights in flight read more of
+   the memory's bandwidth (int8 from DRAM, one EPYC thread: 11 GB/s four at a time, 15 sixteen).
+   AVX2 has registers for four. */
+#if defined(__AVX512F__)
+#define WIDE 16
+#else
+#define WIDE 4
+#endif
+/* y[n] = (scale[n] *) sum_k w[n, k] x[k] for w [N, K] int8 (one bfloat16 scale per output channel) or
+   bfloat16, the weights widened in registers, WIDE rows at a time */
+static inline __attribute__((always_inline)) void widened_rows(const job *j, long n0, long n1, int kind) {
     const long K = j->K, body = K - K % LANES;
     const float *x = j->x;
     long n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        const int8_t *q = (const int8_t *)j->q + n * K;
-        float acc[4][LANES];
+    for (; n + WIDE <= n1; n += WIDE) {
+        const long w = n * K;
+        float acc[WIDE][LANES];
 #if defined(__AVX512F__)
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m512 a[WIDE];
+        for (int r = 0; r < WIDE; r++) a[r] = _mm512_setzero_ps();
         for (long k = 0; k < body; k += LANES) {
-            __m512 xv = _mm512_loadu_ps(x + k);
-#define ROW8(a, r) a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + (r) * K + k)))), xv, a)
-            ROW8(a0, 0); ROW8(a1, 1); ROW8(a2, 2); ROW8(a3, 3);
-#undef ROW8
+            const __m512 xv = _mm512_loadu_ps(x + k);
+            for (int r = 0; r < WIDE; r++) a[r] = _mm512_fmadd_ps(weights16(kind, j->q, w + r * K + k), xv, a[r]);
         }
-        _mm512_storeu_ps(acc[0], a0); _mm512_storeu_ps(acc[1], a1);
-        _mm512_storeu_ps(acc[2], a2); _mm512_storeu_ps(acc[3], a3);
+        for (int r = 0; r < WIDE; r++) _mm512_storeu_ps(acc[r], a[r]);
 #elif defined(__AVX2__) && defined(__FMA__)
-        __m256 a[4][2];
-        for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+        __m256 a[WIDE][2];
+        for (int r = 0; r < WIDE; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
         for (long k = 0; k < body; k += LANES) {
-            __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-            for (int r = 0; r < 4; r++) {
-                __m128i b = _mm_loadu_si128((const __m128i *)(q + r * K + k));
-                a[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), x0, a[r][0]);
-                a[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), x1, a[r][1]);
+            const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+            for (int r = 0; r < WIDE; r++) {
+                a[r][0] = _mm256_fmadd_ps(weights8(kind, j->q, w + r * K + k), x0, a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(weights8(kind, j->q, w + r * K + k + 8), x1, a[r][1]);
             }
         }
-        for (int r = 0; r < 4; r++) { _mm256_storeu_ps(acc[r], a[r][0]); _mm256_storeu_ps(acc[r] + 8, a[r][1]); }
+        for (int r = 0; r < WIDE; r++) { _mm256_storeu_ps(acc[r], a[r][0]); _mm256_storeu_ps(acc[r] + 8, a[r][1]); }
 #else
-        for (int r = 0; r < 4; r++)
+        for (int r = 0; r < WIDE; r++)
             for (int l = 0; l < LANES; l++) acc[r][l] = 0.0f;
         for (long k = 0; k < body; k += LANES)
-            for (int r = 0; r < 4; r++)
-                for (int l = 0; l < LANES; l++) acc[r][l] = fmaf((float)q[r * K + k + l], x[k + l], acc[r][l]);
+            for (int r = 0; r < WIDE; r++)
+                for (int l = 0; l < LANES; l++) acc[r][l] = fmaf(weight(kind, j->q, w + r * K + k + l), x[k + l], acc[r][l]);
 #endif
-        for (int r = 0; r < 4; r++) j->out[n + r] = f32_bf16(int8_sum(acc[r], q + r * K, x, body, K) * bf16_f32(j->s[n + r]));
+        for (int r = 0; r < WIDE; r++) j->out[n + r] = row_out(j, acc[r], kind, n + r, body, x);
     }
     for (; n < n1; n++) { /* the last rows, one by one: the same sums */
-        const int8_t *q = (const int8_t *)j->q + n * K;
         float acc[LANES] = {0};
         for (long k = 0; k < body; k += LANES)
-            for (int l = 0; l < LANES; l++) acc[l] = fmaf((float)q[k + l], x[k + l], acc[l]);
-        j->out[n] = f32_bf16(int8_sum(acc, q, x, body, K) * bf16_f32(j->s[n]));
+            for (int l = 0; l < LANES; l++) acc[l] = fmaf(weight(kind, j->q, n * K + k + l), x[k + l], acc[l]);
+        j->out[n] = row_out(j, acc, kind, n, body, x);
     }
 }
+
+static void int8_rows(const job *j, long n0, long n1) { widened_rows(j, n0, n1, INT8); }
+
+/* Where the CPU has AVX512-BF16, bfloat16 weights take bfloat16 dot products instead (vdpbf16ps: two
+   exact products added per lane, 32 multiply-adds an instruction, no widening): lane l sums inputs
+   32i + 2l and 32i + 2l + 1, so other last bits than the widening path. WIDE rows at a time, then
+   the last ones singly, with the same sums. */
+#if defined(__AVX512BF16__)
+static inline __attribute__((always_inline)) void bf16_dots(const job *j, long n, const int rows) {
+    const long K = j->K, body = K - K % 32;
+    const uint16_t *w = (const uint16_t *)j->q + n * K;
+    __m512 a[WIDE];
+    for (int r = 0; r < rows; r++) a[r] = _mm512_setzero_ps();
+    for (long k = 0; k < body; k += 32) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(j->xb + k);
+        for (int r = 0; r < rows; r++) a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(w + r * K + k), xv);
+    }
+    for (int r = 0; r < rows; r++) {
+        float acc[LANES];
+        _mm512_storeu_ps(acc, a[r]);
+        j->out[n + r] = row_out(j, acc, BF16, n + r, body, j->x);
+    }
+}
+#endif
+
+static void bf16_rows(const job *j, long n0, long n1) {
+#if defined(__AVX512BF16__)
+    long n = n0;
+    for (; n + WIDE <= n1; n += WIDE) bf16_dots(j, n, WIDE);
+    for (; n < n1; n++) bf16_dots(j, n, 1);
+#else
+    widened_rows(j, n0, n1, BF16);
+#endif
+}
+
+/* A few bfloat16 rows x [M, K] (a batch's decode step) against the same weights: tiles of TN weight
+   rows by TM input rows, each weight vector loaded once for TM rows. Every (m, n) sum is the one-row
+   kernel's, term for term in the same order, so a batch gives the bits of its rows one at a time.
+   AVX-512 only; elsewhere the rows go one by one. */
+#define TN 4
+#define TM 4
+#if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
+#define STEP 32 /* inputs per multiply-add vector */
+typedef __m512bh vin;
+#define LOAD_X(j, i) ((__m512bh)_mm512_loadu_si512((j)->xb + (i)))
+#define LOAD_W(w, i) ((__m512bh)_mm512_loadu_si512((w) + (i)))
+#define MADD(a, w, x) _mm512_dpbf16_ps(a, w, x)
+#else
+#define STEP LANES
+typedef __m512 vin;
+#define LOAD_X(j, i) _mm512_loadu_ps((j)->x + (i))
+#define LOAD_W(w, i) weights16(BF16, w, i)
+#define MADD(a, w, x) _mm512_fmadd_ps(w, x, a)
+#endif
+static inline __attribute__((always_inline)) void bf16_tile(const job *j, long n, long m, const int tn, const int tm) {
+    const long K = j->K, body = K - K % STEP;
+    const uint16_t *w = (const uint16_t *)j->q + n * K;
+    __m512 a[TN][TM];
+    for (int r = 0; r < tn; r++)
+        for (int i = 0; i < tm; i++) a[r][i] = _mm512_setzero_ps();
+    for (long k = 0; k < body; k += STEP) {
+        vin xv[TM];
+        for (int i = 0; i < tm; i++) xv[i] = LOAD_X(j, (m + i) * K + k);
+        for (int r = 0; r < tn; r++) {
+            const vin wv = LOAD_W(w, r * K + k);
+            for (int i = 0; i < tm; i++) a[r][i] = MADD(a[r][i], wv, xv[i]);
+        }
+    }
+    for (int r = 0; r < tn; r++)
+        for (int i = 0; i < tm; i++) {
+            float acc[LANES];
+            _mm512_storeu_ps(acc, a[r][i]);
+            j->out[(m + i) * j->N + n + r] = row_out(j, acc, BF16, n + r, body, j->x + (m + i) * K);
+        }
+}
+
+static void bf16_tiles(const job *j, long n0, long n1) {
+    for (long n = n0; n < n1; n += TN) {
+        const long tn = n1 - n < TN ? n1 - n : TN;
+        for (long m = 0; m < j->M; m += TM) {
+            if (tn == TN && m + TM <= j->M) bf16_tile(j, n, m, TN, TM);
+            else bf16_tile(j, n, m, tn, j->M - m < TM ? j->M - m : TM);
+        }
+    }
+}
+#endif
 
 /* One block of 2 * half output channels of a group-wise int4 matrix in torch's CPU packing: the
    block is [K, half] bytes, byte c of input k holding channel c (low nibble) and c + half (high);
@@ -361,6 +478,22 @@ void int8_gemv(const uint16_t *x, const int8_t *q, const uint16_t *scale, uint16
     free(xf);
 }
 
+/* y = x @ w.T for bfloat16 rows x [M, K] and w [N, K] bfloat16 (nn.Linear's orientation): y [M, N] */
+void bf16_gemm(const uint16_t *x, const uint16_t *w, uint16_t *y, long M, long N, long K) {
+    float *xf = malloc(M * K * sizeof(float));
+    widen(x, xf, 0, M * K, 0);
+#if defined(__AVX512F__)
+    job j = {.rows = M == 1 ? bf16_rows : bf16_tiles, .x = xf, .N = N, .K = K, .q = w, .out = y, .xb = x, .M = M};
+    run(&j);
+#else
+    for (long m = 0; m < M; m++) {
+        job j = {.rows = bf16_rows, .x = xf + m * K, .N = N, .K = K, .q = w, .out = y + m * N, .xb = x + m * K};
+        run(&j);
+    }
+#endif
+    free(xf);
+}
+
 /* y = x @ W for one bfloat16 row x [K], W group-wise int4 in torch's CPU packing: packed [N, K / 2]
    in blocks of `block` channels ("halves"), sz [K / group, N, 2] bfloat16 scales and zero points */
 void int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, uint16_t *y, long N, long K, long group,
@@ -477,7 +610,8 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 
 SIGNATURES = {"gemv": "pppll", "gemv_add": "ppppll", "rms_norm": "ppfpl", "norm_gemv": "ppfpppll",
               "rope_heads": "ppllif", "top_k": "pllpp", "swiglu": "ppppll", "decode_attention": "ppppllll",
-              "append_attention": "ppppppllll", "int8_gemv": "ppppll", "int4_gemv": "ppppllll"}
+              "append_attention": "ppppppllll", "int8_gemv": "ppppll", "bf16_gemm": "ppplll",
+              "int4_gemv": "ppppllll"}
 
 
 def _cpu_flags() -> str:
@@ -563,7 +697,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def status() -> str:
-    """"on", or why one-row float32 products are torch's."""
+    """"on", or why one-row float32 (and few-row bfloat16) products are torch's."""
     return _load()[1]
 
 
@@ -602,12 +736,31 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) for w [N, K]; one float32 row on the CPU through the C kernel."""
-    if not ready(x, w):
-        return F.linear(x, w)
-    y = torch.empty(x.shape[:-1] + (w.shape[0],))
-    _library().gemv(w.data_ptr(), x.contiguous().data_ptr(), y.data_ptr(), *w.shape)
-    return y
+    """F.linear(x, w) for w [N, K]; one float32 row, or a few bfloat16 rows, on the CPU through a C kernel."""
+    if ready(x, w):
+        y = torch.empty(x.shape[:-1] + (w.shape[0],))
+        _library().gemv(w.data_ptr(), x.contiguous().data_ptr(), y.data_ptr(), *w.shape)
+        return y
+    if bf16_ready(x, w):
+        rows, shape = x.numel() // x.shape[-1], x.shape[:-1] + (w.shape[0],)
+        if rows > BF16_ROWS:  # w x^T: oneDNN reads w as it lies, where x w^T first reorders all of w
+            return torch.mm(w, x.reshape(rows, -1).t()).t().contiguous().view(shape)
+        y = torch.empty(shape, dtype=torch.bfloat16)
+        _library().bf16_gemm(x.contiguous().data_ptr(), w.data_ptr(), y.data_ptr(), rows, *w.shape)
+        return y
+    return F.linear(x, w)
+
+
+BF16_ROWS = 4  # up to this many bfloat16 rows take the C kernel: 1.3-2.3x oneDNN's from a plain w, 8 rows tie
+
+
+def bf16_ready(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """x bfloat16 rows on the CPU, w a contiguous bfloat16 CPU matrix, and the library built: then up to
+    BF16_ROWS rows are bf16_gemm's, float32 sums rounded to bfloat16 once (F.linear's formula), each
+    row's the bits it has alone; more rows are oneDNN's GEMM, reading w in place."""
+    return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.is_cpu and w.is_cpu and w.dim() == 2
+            and x.shape[-1] == w.shape[1] and w.is_contiguous() and not (x.requires_grad or w.requires_grad)
+            and _library() is not None)
 
 
 def linear_add(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

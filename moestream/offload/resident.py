@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import memory
 from ..model.experts import ExpertStats
 from ..model.formats import Expert, ExpertFormat
 
@@ -39,7 +40,7 @@ class ResidentExperts:
     def _load(self, layer: int, e: int) -> Expert:
         expert = self.loaded.get((layer, e))
         if expert is None:
-            buffer = torch.empty(self.fmt.nbytes(self.hidden, self.inter), dtype=torch.uint8)
+            buffer = memory.empty(self.fmt.nbytes(self.hidden, self.inter), torch.uint8)
             self.checkpoint.read_expert_into(layer, e, buffer, self.fmt)  # packed on the host, then moved once
             expert = self.fmt.settle(self.fmt.expert(buffer.to(self.device), self.hidden, self.inter), self.dtype)
             self.loaded[(layer, e)] = expert

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import xxhash
 
+from .. import memory
 from ..errors import MoestreamError
 from ..files import (TMP_SUFFIX, FileLock, cache_dir, describe_os_error, fsync_directory, make_directory, refuse_foreign,
                      temporary_name)
@@ -246,7 +247,8 @@ class ExpertStore:
         self.host_keys = keys[:host_experts]
         self.disk_keys = keys[host_experts:]
         self.host_index = {key: i for i, key in enumerate(self.host_keys)}
-        self.host = torch.empty(len(self.host_keys), self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.host = (torch.empty(len(self.host_keys), self.nbytes, dtype=torch.uint8, pin_memory=True) if pin else
+                     memory.empty((len(self.host_keys), self.nbytes), torch.uint8))  # the CPU computes from it
         self.host_experts = [fmt.expert(self.host[i], self.hidden, self.inter) for i in range(len(self.host_keys))]
         packs = not checkpoint.reads_raw(fmt)
         in_file = keys if packs else self.disk_keys  # what the repacked file holds
