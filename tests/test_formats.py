@@ -386,11 +386,11 @@ def test_int8_many_rows_go_through_a_bf16_gemm_with_the_kernels_numbers(monkeypa
             assert torch.equal(y, kernel)  # below the threshold: the kernel itself
 
 
-def test_int4_many_rows_go_through_a_bf16_gemm_with_the_kernels_numbers(monkeypatch):
-    """From INT4_GEMM_ROWS rows on, int4 weights are unpacked from the kernel's own layout into bf16 and
-    multiplied by a GEMM: the kernel's result but for the weights' bf16 rounding, over every chunk of
-    output blocks (the last one partial) and for a strided input; a matrix whose channels do not fill
-    whole blocks stays on the kernel."""
+def test_int4_many_rows_go_through_a_bf16_gemm_with_the_kernels_numbers(monkeypatch, without_kernels):
+    """Without native.py's shared-rows kernel, from INT4_GEMM_ROWS rows on, int4 weights are unpacked from
+    torch's kernel's own layout into bf16 and multiplied by a GEMM: the kernel's result but for the
+    weights' bf16 rounding, over every chunk of output blocks (the last one partial) and for a strided
+    input; a matrix whose channels do not fill whole blocks stays on the kernel."""
     style, block = fm._int4_layout()
     if style != "halves":
         pytest.skip(f"this CPU's int4 layout is {style}{block}: the kernel computes every row count")

@@ -143,7 +143,7 @@ def test_bf16_kernel_is_f_linear_and_a_batch_gives_each_rows_bits(n, k):
 
 
 @needs_kernels
-def test_quantized_matrices_take_the_kernels_for_one_row_only(monkeypatch):
+def test_quantized_matrices_take_the_kernels_for_one_row_and_int4_for_more_where_it_shares_them(monkeypatch):
     w, x = rand(128, 256), rand(1, 256)
     int8, int4 = Int8Linear.quantize(w), Int4Linear.quantize(w)
     calls = []
@@ -154,9 +154,33 @@ def test_quantized_matrices_take_the_kernels_for_one_row_only(monkeypatch):
     assert one.dtype == torch.float32 and calls == ["int8_linear"]
     assert_bf16_close(one, three[:1])
     one, three = int4(x), int4(x.expand(3, -1))
-    if formats._int4_layout()[0] == "halves":
-        assert calls == ["int8_linear", "int4_linear"]
+    style, block = formats._int4_layout()
+    if style == "halves":
+        shared = block == 64 and native.int4_shares_rows()
+        assert calls == ["int8_linear", "int4_linear"] + ["int4_linear"] * shared
+        if shared:
+            assert torch.equal(one, three[:1])  # a row's bits in a batch are the ones it has alone
     assert_bf16_close(one, three[:1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("k, group", [(256, 128), (96, 32)])
+def test_int4_kernel_gives_each_row_of_a_batch_its_own_bits(k, group):
+    """Rows in tiles (where the CPU shares the weights' lookups among rows) and the tail past them: each
+    the bits it has alone, and torch's kernel's numbers within one bf16 step."""
+    style, block = formats._int4_layout()
+    if style != "halves":
+        pytest.skip(f"torch packs int4 as {style} here: its kernel, not ours")
+    n = 2 * block
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    sz = torch.empty(k // group, n, 2, dtype=torch.bfloat16)
+    formats._int4_pack(lambda n0, n1: rand(n1 - n0, k), packed, sz)
+    for rows in (2, 4, 7):
+        x = rand(rows, k).bfloat16()
+        got = native.int4_linear(x, packed, sz, block)
+        assert got.shape == (rows, n)
+        assert torch.equal(got, torch.cat([native.int4_linear(x[i:i + 1], packed, sz, block) for i in range(rows)]))
+        assert_bf16_close(got, torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz))
 
 
 def test_ready_takes_only_one_float32_row_and_plain_contiguous_weights():
@@ -232,7 +256,7 @@ def test_sharing_rows_among_threads_changes_no_bit():
         out = {}
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            out[threads] = (native.linear(x, w), native.swiglu(x, gate_up, down), int8(x), int4(x),
+            out[threads] = (native.linear(x, w), native.swiglu(x, gate_up, down), int8(x), int4(x), int4(xb),
                             native.linear(xb[:1], wb), native.linear(xb, wb))
     finally:
         torch.set_num_threads(before)

@@ -619,32 +619,39 @@ def _int4_pack(rows, packed: torch.Tensor, sz: torch.Tensor, symmetric: bool = F
 
 
 def _int4_matmul(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ W for W in the int4 kernel's packing, on the CPU (bf16 activations): one row by
-    native.py's kernel where the layout allows (the same formula; torch's is bound by its arithmetic,
-    not by memory); up to INT4_GEMM_ROWS - 1 rows by torch's kernel, whose time grows with every row;
-    from INT4_GEMM_ROWS rows on, where the layout allows, as a bf16 GEMM over the weights unpacked a
-    chunk at a time."""
+    """x [..., K] @ W for W in the int4 kernel's packing, on the CPU (bf16 activations), by
+    _int4_product's choice of kernel."""
     y = _int4_product(_kernel_rows(x, packed.shape[1] * 2), packed, sz)
     return y.view(*x.shape[:-1], packed.shape[0]).to(x.dtype)
 
 
 def _int4_product(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, gemm: bool = True) -> torch.Tensor:
-    """_int4_matmul's choice of kernel, for rows x2 [T, K] as _kernel_rows gives them: [T, N] bf16.
-    gemm False: never _int4_gemm (whose scratch int2's unfolded chunk occupies)."""
+    """x2 [T, K] as _kernel_rows gives them @ W: [T, N] bf16. native.py's kernel where the layout allows
+    (the same formula; torch's is bound by its arithmetic, not by memory): for one row, and for any
+    number where it reads the weights once for several rows, unless AMX makes _int4_gemm's bf16 GEMM
+    faster from INT4_GEMM_ROWS rows; otherwise torch's kernel, whose time grows with every row, up to
+    INT4_GEMM_ROWS - 1 rows, and _int4_gemm from there. gemm False: never _int4_gemm (whose scratch
+    int2's unfolded chunk occupies)."""
     style, block = _int4_layout()
     halves = style == "halves" and packed.shape[0] % block == 0
-    if x2.shape[0] == 1 and halves and native.available():
-        return native.int4_linear(x2, packed, sz, block)
-    if gemm and x2.shape[0] >= INT4_GEMM_ROWS and halves:
+    rows = x2.shape[0]
+    by_gemm = gemm and halves and rows >= INT4_GEMM_ROWS
+    if halves and native.available():
+        if rows == 1 or (block == 64 and native.int4_shares_rows() and not (by_gemm and onednn_may_use_amx())):
+            return native.int4_linear(x2, packed, sz, block)
+    if by_gemm:
         return _int4_gemm(x2, packed, sz, block)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, packed.shape[1] * 2 // sz.shape[0], sz)
 
 
-# Rows from which _int4_gemm beats the kernel. Scout's gate_up [16384, 5120], Xeon VM with AMX, 2
+# Rows from which _int4_gemm beats torch's kernel. Scout's gate_up [16384, 5120], Xeon VM with AMX, 2
 # threads: kernel 31 / 63 / 91 / 124 / 479 ms at 32 / 64 / 96 / 128 / 512 rows, the GEMM 57 / 57 / 60
 # / 62 / 123 ms; down [5120, 8192] and a [1024, 5120] cross over at the same 64 rows
 # (benchmarks/formats_cpu.py --sections int4-rows prints both on any machine). Unpacking costs
-# several passes per weight where int8's conversion costs one, hence the later crossover.
+# several passes per weight where int8's conversion costs one, hence the later crossover. On an
+# EPYC (Zen 5, no AMX) native.py's shared-rows kernel beats both at every count: 13 / 37 / 70 / 315 ms
+# at 16 / 64 / 128 / 512 rows, against torch's kernel 20 / 79 / 153 / 625 and the GEMM 66 / 86 / 182
+# / 421.
 INT4_GEMM_ROWS = 64
 
 

@@ -374,50 +374,19 @@ static inline void int4_scale(float *y, const float *acc, const uint16_t *sz, fl
     }
 }
 
-static inline __attribute__((always_inline)) void int4_block(const job *j, long b, const long half) {
+static inline __attribute__((always_inline)) void int4_block(const job *j, long b, long m, const long half) {
     const long K = j->k, group = j->group, N = j->N * 2 * half;
+    const float *x = j->x + m * K, *xs = j->xs + m * (K / group);
     const uint8_t *p = (const uint8_t *)j->q + b * K * half;
     float y[128] = {0}, acc[128];
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-    /* Two inputs at a time by bfloat16 dot products (vdpbf16ps: two exact products added per lane, 32
-       multiply-adds an instruction): the bytes of inputs k and k + 1 are paired per channel (vpermb),
-       each nibble looked up as a bfloat16 (vpermw over bf16(i & 15) for i < 32), and a pair of
-       inputs multiplies a pair of codes. A third of the instructions of the widening path. */
-    uint16_t codes[32];
-    for (int i = 0; i < 32; i++) { union { float f; uint32_t u; } v = {(float)(i & 15)}; codes[i] = v.u >> 16; }
-    const __m512i table = _mm512_loadu_si512(codes);
-    __m512i pick[2];
-    for (int c = 0; c < 2; c++) {
-        uint8_t idx[64] = {0};
-        for (int i = 0; i < 16; i++) { idx[4 * i] = 16 * c + i; idx[4 * i + 2] = 32 + 16 * c + i; }
-        pick[c] = _mm512_loadu_si512(idx);
-    }
-#endif
     for (long g = 0; g < K / group; g++) {
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-        if (half == 32) {
-            __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (long k = g * group; k < (g + 1) * group; k += 2) {
-                const __m512i rows = _mm512_loadu_si512(p + k * 32); /* input k's 32 bytes, then k + 1's */
-                uint32_t pair;
-                memcpy(&pair, j->xb + k, 4);
-                const __m512bh xk = (__m512bh)_mm512_set1_epi32((int)pair);
-                for (int c = 0; c < 2; c++) { /* channels 16c.. (low nibbles) and 32 + 16c.. (high) */
-                    const __m512i d = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, pick[c], rows);
-                    a[c] = _mm512_dpbf16_ps(a[c], (__m512bh)_mm512_permutexvar_epi16(d, table), xk);
-                    a[2 + c] = _mm512_dpbf16_ps(a[2 + c], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), table), xk);
-                }
-            }
-            for (int v = 0; v < 4; v++) _mm512_storeu_ps(acc + 16 * v, a[v]);
-        } else
-#endif
 #if defined(VLANES)
         if (half == 16 || half == 32) {
             vfloat a[2][64 / VLANES];
             for (long v = 0; v < 2 * half / VLANES; v++) a[0][v] = a[1][v] = VZERO();
             for (long k = g * group; k < (g + 1) * group; k += 2)
                 for (long odd = 0; odd < 2; odd++) {
-                    const vfloat xk = VSET1(j->x[k + odd]);
+                    const vfloat xk = VSET1(x[k + odd]);
                     for (long c = 0; c < half / 16; c++) {
                         vfloat lo[16 / VLANES], hi[16 / VLANES];
                         codes16(p + (k + odd) * half + 16 * c, lo, hi);
@@ -435,7 +404,7 @@ static inline __attribute__((always_inline)) void int4_block(const job *j, long 
             float odd[128];
             for (long c = 0; c < 2 * half; c++) acc[c] = odd[c] = 0.0f;
             for (long k = g * group; k < (g + 1) * group; k++) {
-                const float xk = j->x[k];
+                const float xk = x[k];
                 const uint8_t *r = p + k * half;
                 float *e = k & 1 ? odd : acc;
                 for (long c = 0; c < half; c++) {
@@ -445,16 +414,87 @@ static inline __attribute__((always_inline)) void int4_block(const job *j, long 
             }
             for (long c = 0; c < 2 * half; c++) acc[c] += odd[c];
         }
-        int4_scale(y, acc, j->s + (g * N + b * 2 * half) * 2, j->xs[g], 2 * half);
+        int4_scale(y, acc, j->s + (g * N + b * 2 * half) * 2, xs[g], 2 * half);
     }
-    for (long c = 0; c < 2 * half; c++) j->out[b * 2 * half + c] = f32_bf16(y[c]);
+    for (long c = 0; c < 2 * half; c++) j->out[m * N + b * 2 * half + c] = f32_bf16(y[c]);
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+/* Blocks of 64 channels (half 32) where the CPU has AVX512-BF16 and VBMI: two inputs at a time by
+   bfloat16 dot products (vdpbf16ps: two exact products added per lane, 32 multiply-adds an
+   instruction): the bytes of inputs k and k + 1 are paired per channel (vpermb), each nibble looked
+   up as a bfloat16 (vpermw over bf16(i & 15) for i < 32), and a pair of inputs multiplies a pair of
+   codes: a third of the instructions of the widening path. The codes looked up for a pair of inputs
+   serve up to TILE4 rows of x (a prompt's rows through an expert), so the lookups are paid once per
+   tile while each row's sums stay the ones it has alone. Rows m..m + tm of block b. */
+#define TILE4 4
+static inline __attribute__((always_inline)) void int4_dots(const job *j, long b, long m, const int tm) {
+    const long K = j->k, group = j->group, N = j->N * 64, groups = K / group;
+    const uint8_t *p = (const uint8_t *)j->q + b * K * 32;
+    uint16_t codes[32];
+    for (int i = 0; i < 32; i++) { union { float f; uint32_t u; } v = {(float)(i & 15)}; codes[i] = v.u >> 16; }
+    const __m512i table = _mm512_loadu_si512(codes);
+    __m512i pick[2];
+    for (int c = 0; c < 2; c++) {
+        uint8_t idx[64] = {0};
+        for (int i = 0; i < 16; i++) { idx[4 * i] = 16 * c + i; idx[4 * i + 2] = 32 + 16 * c + i; }
+        pick[c] = _mm512_loadu_si512(idx);
+    }
+    float y[TILE4][64], acc[64];
+    for (int i = 0; i < tm; i++)
+        for (int c = 0; c < 64; c++) y[i][c] = 0.0f;
+    for (long g = 0; g < groups; g++) {
+        __m512 a[TILE4][4];
+        for (int i = 0; i < tm; i++)
+            for (int v = 0; v < 4; v++) a[i][v] = _mm512_setzero_ps();
+        for (long k = g * group; k < (g + 1) * group; k += 2) {
+            const __m512i rows = _mm512_loadu_si512(p + k * 32); /* input k's 32 bytes, then k + 1's */
+            __m512bh w[4]; /* channels 16c.. (low nibbles) and 32 + 16c.. (high) */
+            for (int c = 0; c < 2; c++) {
+                const __m512i d = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, pick[c], rows);
+                w[c] = (__m512bh)_mm512_permutexvar_epi16(d, table);
+                w[2 + c] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), table);
+            }
+            for (int i = 0; i < tm; i++) {
+                uint32_t pair;
+                memcpy(&pair, j->xb + (m + i) * K + k, 4);
+                const __m512bh xk = (__m512bh)_mm512_set1_epi32((int)pair);
+                for (int v = 0; v < 4; v++) a[i][v] = _mm512_dpbf16_ps(a[i][v], w[v], xk);
+            }
+        }
+        for (int i = 0; i < tm; i++) {
+            for (int v = 0; v < 4; v++) _mm512_storeu_ps(acc + 16 * v, a[i][v]);
+            int4_scale(y[i], acc, j->s + (g * N + b * 64) * 2, j->xs[(m + i) * groups + g], 64);
+        }
+    }
+    for (int i = 0; i < tm; i++)
+        for (int c = 0; c < 64; c++) j->out[(m + i) * N + b * 64 + c] = f32_bf16(y[i][c]);
+}
+#endif
+
+/* Rows of x one pass over the weights serves (Python reads it: where it is 1, many rows are torch's) */
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+const long int4_shared_rows = TILE4;
+#else
+const long int4_shared_rows = 1;
+#endif
+
+/* Blocks b0..b1 for every row of x */
 static void int4_rows(const job *j, long b0, long b1) {
     for (long b = b0; b < b1; b++) {
-        if (j->half == 32) int4_block(j, b, 32);
-        else if (j->half == 16) int4_block(j, b, 16);
-        else int4_block(j, b, j->half);
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+        if (j->half == 32) {
+            long m = 0;
+            for (; m + TILE4 <= j->M; m += TILE4) int4_dots(j, b, m, TILE4);
+            for (; m < j->M; m++) int4_dots(j, b, m, 1);
+            continue;
+        }
+#endif
+        for (long m = 0; m < j->M; m++) {
+            if (j->half == 32) int4_block(j, b, m, 32);
+            else if (j->half == 16) int4_block(j, b, m, 16);
+            else int4_block(j, b, m, j->half);
+        }
     }
 }
 
@@ -494,14 +534,14 @@ void bf16_gemm(const uint16_t *x, const uint16_t *w, uint16_t *y, long M, long N
     free(xf);
 }
 
-/* y = x @ W for one bfloat16 row x [K], W group-wise int4 in torch's CPU packing: packed [N, K / 2]
+/* y = x @ W for bfloat16 rows x [M, K], W group-wise int4 in torch's CPU packing: packed [N, K / 2]
    in blocks of `block` channels ("halves"), sz [K / group, N, 2] bfloat16 scales and zero points */
-void int4_gemv(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, uint16_t *y, long N, long K, long group,
-               long block) {
-    float *xf = malloc((K + K / group) * sizeof(float));
-    widen(x, xf, xf + K, K, group);
-    job j = {.rows = int4_rows, .x = xf, .N = N / block, .K = K * block, .q = packed, .s = sz, .out = y, .xs = xf + K,
-             .xb = x, .k = K, .group = group, .half = block / 2};
+void int4_gemm(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, uint16_t *y, long M, long N, long K,
+               long group, long block) {
+    float *xf = malloc(M * (K + K / group) * sizeof(float));
+    for (long m = 0; m < M; m++) widen(x + m * K, xf + m * K, xf + M * K + m * (K / group), K, group);
+    job j = {.rows = int4_rows, .x = xf, .N = N / block, .K = M * K * block, .q = packed, .s = sz, .out = y,
+             .xs = xf + M * K, .xb = x, .k = K, .group = group, .half = block / 2, .M = M};
     run(&j);
     free(xf);
 }
@@ -611,7 +651,7 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 SIGNATURES = {"gemv": "pppll", "gemv_add": "ppppll", "rms_norm": "ppfpl", "norm_gemv": "ppfpppll",
               "rope_heads": "ppllif", "top_k": "pllpp", "swiglu": "ppppll", "decode_attention": "ppppllll",
               "append_attention": "ppppppllll", "int8_gemv": "ppppll", "bf16_gemm": "ppplll",
-              "int4_gemv": "ppppllll"}
+              "int4_gemm": "pppplllll"}
 
 
 def _cpu_flags() -> str:
@@ -831,6 +871,13 @@ def available() -> bool:
     return _library() is not None
 
 
+def int4_shares_rows() -> bool:
+    """Whether int4_linear reads the weights once for several rows (AVX512-BF16 and VBMI, blocks of 64):
+    then it beats torch's kernel at every row count; elsewhere it walks the weights once per row."""
+    lib = _library()
+    return lib is not None and ctypes.c_long.in_dll(lib, "int4_shared_rows").value > 1
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """One bfloat16 row x [1, K] @ (q [N, K] int8 * scale [N] bfloat16).T: [1, N] bfloat16, the numbers of
     aten._weight_int8pack_mm within float32 rounding, rounded to bfloat16 once."""
@@ -840,11 +887,12 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, block: int) -> torch.Tensor:
-    """One bfloat16 row x [1, K] @ W, W group-wise int4 in aten._convert_weight_to_int4pack_for_cpu's
-    "halves" packing (blocks of `block` channels): [1, N] bfloat16, the numbers of
-    aten._weight_int4pack_mm_for_cpu within float32 rounding, rounded to bfloat16 once."""
+    """bfloat16 rows x [M, K] @ W, W group-wise int4 in aten._convert_weight_to_int4pack_for_cpu's
+    "halves" packing (blocks of `block` channels): [M, N] bfloat16, the numbers of
+    aten._weight_int4pack_mm_for_cpu within float32 rounding, rounded to bfloat16 once; each row's
+    bits the ones it has alone."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    y = torch.empty(1, n, dtype=torch.bfloat16)
-    _library().int4_gemv(x.contiguous().data_ptr(), packed.data_ptr(), sz.data_ptr(), y.data_ptr(), n, k,
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    _library().int4_gemm(x.contiguous().data_ptr(), packed.data_ptr(), sz.data_ptr(), y.data_ptr(), x.shape[0], n, k,
                          k // sz.shape[0], block)
     return y
