@@ -9,7 +9,9 @@ output projection, the MoE inputs, a SwiGLU MLP or expert, the lm_head; one quer
 chunked layer's cache step) is, for one float32 row on the CPU, one call here: about 190 torch ops a
 token remain. One row through int8 or int4 weights (formats.py) is one call too, read from torch's
 own packing: torch's int4 kernel is bound by its arithmetic (21 GB/s of a Scout expert on two EPYC
-cores where these loops read 40). So is a decode step's rows (up to four: one sequence, or a small
+cores where these loops read 40), and where the CPU has AVX512-BF16 and VBMI the int4 loops take any
+number of rows, four at a time per pass over the weights (a prompt's rows: 2x torch's kernel at 64
+rows of Scout's gate_up). So is a decode step's rows (up to four: one sequence, or a small
 batch) through plain bf16 weights: oneDNN's GEMV wants its own blocked layout, which an offloaded
 expert (copied as it is stored) cannot keep, and reads 11 / 20 GB/s of Scout's gate_up at 1 / 2
 threads packed where this reads 19 / 27 unpacked. Everything else (prompts, CUDA) stays with torch.
