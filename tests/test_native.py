@@ -126,7 +126,8 @@ def test_int4_kernel_reads_torchs_packing(k, group):
 def test_bf16_kernel_is_f_linear_and_a_batch_gives_each_rows_bits(n, k):
     """Up to BF16_ROWS rows are the C kernel's (one row, or tiles of a few): F.linear's formula within
     one bf16 step, and each row's bits in a batch are the ones it has alone, so a batched decode step
-    computes what each sequence would. More rows are oneDNN's GEMM over w as it lies."""
+    computes what each sequence would. More rows are oneDNN's GEMM over w as it lies, and a prompt's
+    many rows F.linear's."""
     w = rand(n, k).bfloat16()
     for rows in range(1, native.BF16_ROWS + 1):
         x = rand(rows, k).bfloat16()
@@ -138,6 +139,8 @@ def test_bf16_kernel_is_f_linear_and_a_batch_gives_each_rows_bits(n, k):
     got = native.linear(x, w)
     assert got.shape == (2, native.BF16_ROWS + 1, n) and got.is_contiguous()
     assert_bf16_close(got, x.float() @ w.float().t())
+    many = rand(native.BF16_WX_ROWS, k).bfloat16()
+    assert torch.equal(native.linear(many, w), F.linear(many, w))  # a prompt's rows: F.linear
     assert native.linear(rand(1, k), w.float()).dtype == torch.float32  # float32 stays float32's kernel
     assert native.linear(x[0, :2], w.t().contiguous().t()).shape == (2, n)  # w not contiguous: F.linear
 
