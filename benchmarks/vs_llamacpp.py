@@ -37,12 +37,18 @@ Python when it has the converter's imports, else in a venv made in --cache. GGUF
 synthetic checkpoint stay in --cache for the next run (2 Scout layers: about 26 GB on disk, 9 GB
 of RAM while either engine runs).
 
+--rounds R repeats the pair (llama-bench, then moestream) R times per format: a shared VM's memory
+bandwidth moves by a third within minutes (2 cores of an EPYC VM read 32 GB/s and, ten minutes
+later, 48), so each round's ratio compares two measurements taken close together, and the table
+gives the median of the rounds' ratios beside each engine's median over the rounds.
+
 Rerun (on an idle machine):
 
     python benchmarks/vs_llamacpp.py                    # both models, -p 512 -n 128 -r 5, 1 and 2 threads
     python benchmarks/vs_llamacpp.py --only embedded --threads 2
     python benchmarks/vs_llamacpp.py --only scout --layers 2 -p 64 -n 32 -r 3 --resident-dtype matched
     python benchmarks/vs_llamacpp.py --only scout --formats BF16 --threads 2    # one format
+    python benchmarks/vs_llamacpp.py --only scout --layers 2 -p 512 -n 16 -r 1 --rounds 3   # paired rounds
     python benchmarks/vs_llamacpp.py --llama-cpp ~/src/llama.cpp   # an existing llama.cpp build
 
 Output ends with markdown tables (to paste into the README) and the exact commands that were run.
@@ -577,12 +583,15 @@ def fmt_tps(v) -> str:
 
 
 def speed_table(rows: list[dict]) -> str:
-    lines = ["| model | llama.cpp | moestream | threads | test | llama.cpp t/s | moestream t/s | moestream / llama.cpp |",
-             "|---|---|---|---|---|---|---|---|"]
+    """With rounds, each engine's median over them and the median of the rounds' ratios, then each ratio."""
+    rounds = any(len(r["ratios"]) > 1 for r in rows)
+    lines = ["| model | llama.cpp | moestream | threads | test | llama.cpp t/s | moestream t/s | moestream / llama.cpp |"
+             + (" ratio per round |" if rounds else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if rounds else "")]
     for r in rows:
-        ratio = r["ms"] / r["lc"] if r["lc"] and r["ms"] else None
+        ratio = r["ratio"]
         lines.append(f"| {r['model']} | {r['lc_fmt']} | {r['ms_fmt']} | {r['threads']} | {r['test']} | {fmt_tps(r['lc'])} | "
-                     f"{fmt_tps(r['ms'])} | {'-' if ratio is None else f'{ratio:.2f}'} |")
+                     f"{fmt_tps(r['ms'])} | {'-' if ratio is None else f'{ratio:.2f}'} |"
+                     + (f" {', '.join(f'{v:.2f}' for v in r['ratios'])} |" if rounds else ""))
     return "\n".join(lines)
 
 
@@ -650,18 +659,32 @@ def compare(lc: LlamaCpp, args, model_name: str, hf_dir: Path, gguf_dir: Path, r
         ms_fmt = (f"{dtype}" + (f", experts {expert_dtype}" if expert_dtype != "auto" else "")
                   + (f", resident {resident}" if resident != "auto" else ""))
         say(f"\n== {model_name}: llama.cpp {name} vs moestream {ms_fmt}, threads {args.threads} ==")
-        lcr = llama_bench(lc, ggufs[name], args.p, args.n, args.threads, args.r)
-        say(f"llama.cpp {lcr}")
-        msr = moestream_bench(hf_dir, args.p, args.n, args.threads, args.r, dtype, expert_dtype, resident)
-        say(f"moestream {msr}")
-        placing.append((model_name, ms_fmt, msr["load_s"], msr["place_experts_s"]))
+        rounds = []  # (llama.cpp's result, moestream's), one pair per round, measured one after the other
+        for k in range(args.rounds):
+            if args.rounds > 1:
+                say(f"-- round {k + 1} of {args.rounds}")
+            lcr = llama_bench(lc, ggufs[name], args.p, args.n, args.threads, args.r)
+            say(f"llama.cpp {lcr}")
+            msr = moestream_bench(hf_dir, args.p, args.n, args.threads, args.r, dtype, expert_dtype, resident)
+            say(f"moestream {msr}")
+            rounds.append((lcr, msr))
+        placing.append((model_name, ms_fmt, rounds[0][1]["load_s"], rounds[0][1]["place_experts_s"]))
         for t in args.threads:
             for kind, count in (("pp", args.p), ("tg", args.n)):
                 if count:
+                    lcs = [lcr.get(t, {}).get(kind) for lcr, _ in rounds]
+                    mss = [msr["by_threads"][t].get(kind) for _, msr in rounds]
+                    ratios = [m / l for l, m in zip(lcs, mss) if l and m]
                     rows.append({"model": model_name, "lc_fmt": name, "ms_fmt": ms_fmt, "threads": t,
-                                 "test": f"{kind}{count}", "lc": lcr.get(t, {}).get(kind),
-                                 "ms": msr["by_threads"][t].get(kind), "lc_bpt": lc_bpt,
-                                 "ms_bpt": msr["bytes_per_token"], "build": lcr.get(t, {}).get("build")})
+                                 "test": f"{kind}{count}", "lc": median_of(lcs), "ms": median_of(mss),
+                                 "ratio": median_of(ratios), "ratios": ratios, "lc_bpt": lc_bpt,
+                                 "ms_bpt": rounds[0][1]["bytes_per_token"], "build": rounds[0][0].get(t, {}).get("build")})
+
+
+def median_of(values: list):
+    """The median of the values that were measured (None: none were)."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def main() -> None:
@@ -671,6 +694,9 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=128, help="Generated tokens of the tg test (0: none). Default 128.")
     ap.add_argument("-r", type=int, default=5, help="Repetitions per test (median reported). Default 5.")
     ap.add_argument("--threads", default="1,2", help="Thread counts, comma list. Default 1,2.")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="Times the pair (llama-bench, then moestream) runs per format; the ratio is the median of "
+                         "the rounds' ratios. Default 1.")
     ap.add_argument("--llama-cpp", default=None, metavar="DIR",
                     help="An existing llama.cpp tree (convert_hf_to_gguf.py, gguf-py, llama-bench, llama-quantize).")
     ap.add_argument("--cache", type=Path, default=Path("~/.cache/moestream").expanduser(),
@@ -694,8 +720,8 @@ def main() -> None:
     args.formats = {f.strip().lower() for f in args.formats.split(",") if f.strip()} if args.formats else None
     if any(t < 1 or t > len(os.sched_getaffinity(0)) for t in args.threads):
         raise SystemExit(f"--threads: each count must be 1..{len(os.sched_getaffinity(0))} (the usable CPUs)")
-    if args.p < 0 or args.n < 0 or not (args.p or args.n) or args.r < 1 or args.layers < 1:
-        raise SystemExit("-p / -n must be >= 0 (not both 0), -r >= 1, --layers >= 1")
+    if args.p < 0 or args.n < 0 or not (args.p or args.n) or args.r < 1 or args.layers < 1 or args.rounds < 1:
+        raise SystemExit("-p / -n must be >= 0 (not both 0), -r >= 1, --rounds >= 1, --layers >= 1")
     emb_vocab = json.loads((EMBEDDED / "config.json").read_text())["vocab_size"]
     vocab = args.vocab or emb_vocab
     if vocab < emb_vocab:
@@ -745,7 +771,9 @@ def main() -> None:
     builds = {r["build"] for rs in rows.values() for r in rs if r.get("build")}
     say(f"- llama.cpp: commit {lc.commit} ({lc.version}; llama-bench JSON build_commit "
         f"{', '.join(sorted(builds)) or '?'}), CPU build{'' if lc.amx else ' without AMX kernels (they fault on this CPU)'}, {lc.bench}")
-    say(f"- tests: pp{args.p} / tg{args.n}, {args.r} repetitions, median t/s; llama-bench (mmap, its defaults) after its "
+    say(f"- tests: pp{args.p} / tg{args.n}, {args.r} repetitions, median t/s"
+        + (f", in {args.rounds} rounds of (llama-bench, moestream) per format, the ratio the rounds' median"
+           if args.rounds > 1 else "") + "; llama-bench (mmap, its defaults) after its "
         f"own warm-up; moestream (Python API, one load per format, every expert placed first) after one warm-up "
         f"test per thread count (moestream/cli/bench.py run_test, as `moestream bench`); one engine at a time")
     say(f"- {NOTE}\n")
