@@ -106,7 +106,9 @@ def test_int8_kernel_is_torchs_weight_only_product(k):
 
 @needs_kernels
 @pytest.mark.parametrize("k, group", [(256, 128), (192, 64), (96, 32)])
-def test_int4_kernel_reads_torchs_packing(k, group):
+def test_int4_kernel_reads_torchs_packing_and_gives_each_row_of_a_batch_its_own_bits(k, group):
+    """One row and batches (in tiles where the CPU shares the weights' lookups among rows, and the tail
+    past them): torch's kernel's numbers within one bf16 step, each row the bits it has alone."""
     style, block = formats._int4_layout()
     if style != "halves":
         pytest.skip(f"torch packs int4 as {style} here: its kernel, not ours")
@@ -114,11 +116,13 @@ def test_int4_kernel_reads_torchs_packing(k, group):
     packed = torch.empty(n, k // 2, dtype=torch.uint8)
     sz = torch.empty(k // group, n, 2, dtype=torch.bfloat16)
     formats._int4_pack(lambda n0, n1: rand(n1 - n0, k), packed, sz)
-    x = rand(1, k).bfloat16()
-    got = native.int4_linear(x, packed, sz, block)
-    assert got.dtype == torch.bfloat16
-    assert_bf16_close(got, x.float() @ formats._affine(formats._int4_unpack(packed, (style, block)), sz))
-    assert_bf16_close(got, torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz))
+    for rows in (1, 2, 4, 7):
+        x = rand(rows, k).bfloat16()
+        got = native.int4_linear(x, packed, sz, block)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        assert_bf16_close(got, x.float() @ formats._affine(formats._int4_unpack(packed, (style, block)), sz))
+        assert_bf16_close(got, torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz))
+        assert torch.equal(got, torch.cat([native.int4_linear(x[i:i + 1], packed, sz, block) for i in range(rows)]))
 
 
 @needs_kernels
@@ -164,26 +168,6 @@ def test_quantized_matrices_take_the_kernels_for_one_row_and_int4_for_more_where
         if shared:
             assert torch.equal(one, three[:1])  # a row's bits in a batch are the ones it has alone
     assert_bf16_close(one, three[:1])
-
-
-@needs_kernels
-@pytest.mark.parametrize("k, group", [(256, 128), (96, 32)])
-def test_int4_kernel_gives_each_row_of_a_batch_its_own_bits(k, group):
-    """Rows in tiles (where the CPU shares the weights' lookups among rows) and the tail past them: each
-    the bits it has alone, and torch's kernel's numbers within one bf16 step."""
-    style, block = formats._int4_layout()
-    if style != "halves":
-        pytest.skip(f"torch packs int4 as {style} here: its kernel, not ours")
-    n = 2 * block
-    packed = torch.empty(n, k // 2, dtype=torch.uint8)
-    sz = torch.empty(k // group, n, 2, dtype=torch.bfloat16)
-    formats._int4_pack(lambda n0, n1: rand(n1 - n0, k), packed, sz)
-    for rows in (2, 4, 7):
-        x = rand(rows, k).bfloat16()
-        got = native.int4_linear(x, packed, sz, block)
-        assert got.shape == (rows, n)
-        assert torch.equal(got, torch.cat([native.int4_linear(x[i:i + 1], packed, sz, block) for i in range(rows)]))
-        assert_bf16_close(got, torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz))
 
 
 def test_ready_takes_only_one_float32_row_and_plain_contiguous_weights():
