@@ -386,6 +386,26 @@ def test_int8_many_rows_go_through_a_bf16_gemm_with_the_kernels_numbers(monkeypa
             assert torch.equal(y, kernel)  # below the threshold: the kernel itself
 
 
+@pytest.mark.parametrize("amx", [False, True])
+def test_int4_rows_take_the_shared_rows_kernel_unless_amx_makes_the_gemm_faster(monkeypatch, amx):
+    """Where native.py's int4 kernel serves several rows per pass it takes every row count; on an AMX CPU
+    _int4_gemm keeps INT4_GEMM_ROWS rows and more. The int2 path (gemm False) never takes the GEMM."""
+    style, block = fm._int4_layout()
+    if style != "halves" or block != 64:
+        pytest.skip(f"this CPU's int4 layout is {style}{block}: torch's kernel")
+    taken = []
+    monkeypatch.setattr(fm.native, "available", lambda: True)
+    monkeypatch.setattr(fm.native, "int4_shares_rows", lambda: True)
+    monkeypatch.setattr(fm, "onednn_may_use_amx", lambda: amx)
+    monkeypatch.setattr(fm.native, "int4_linear", lambda x, *a: taken.append("native") or x.new_zeros(x.shape[0], 64))
+    monkeypatch.setattr(fm, "_int4_gemm", lambda x, *a: taken.append("gemm") or x.new_zeros(x.shape[0], 64))
+    packed, sz = torch.zeros(64, 64, dtype=torch.uint8), torch.zeros(1, 64, 2, dtype=torch.bfloat16)
+    for rows in (1, fm.INT4_GEMM_ROWS - 1, fm.INT4_GEMM_ROWS):
+        fm._int4_product(torch.zeros(rows, 128, dtype=torch.bfloat16), packed, sz)
+    fm._int4_product(torch.zeros(fm.INT4_GEMM_ROWS, 128, dtype=torch.bfloat16), packed, sz, gemm=False)
+    assert taken == ["native", "native", "gemm" if amx else "native", "native"]
+
+
 def test_int4_many_rows_go_through_a_bf16_gemm_with_the_kernels_numbers(monkeypatch, without_kernels):
     """Without native.py's shared-rows kernel, from INT4_GEMM_ROWS rows on, int4 weights are unpacked from
     torch's kernel's own layout into bf16 and multiplied by a GEMM: the kernel's result but for the
