@@ -395,7 +395,7 @@ def test_int4_rows_take_the_shared_rows_kernel_unless_amx_makes_the_gemm_faster(
         pytest.skip(f"this CPU's int4 layout is {style}{block}: torch's kernel")
     taken = []
     monkeypatch.setattr(fm.native, "available", lambda: True)
-    monkeypatch.setattr(fm.native, "int4_shares_rows", lambda: True)
+    monkeypatch.setattr(fm.native, "int4_shares_rows", lambda block: block == 64)
     monkeypatch.setattr(fm, "onednn_may_use_amx", lambda: amx)
     monkeypatch.setattr(fm.native, "int4_linear", lambda x, *a: taken.append("native") or x.new_zeros(x.shape[0], 64))
     monkeypatch.setattr(fm, "_int4_gemm", lambda x, *a: taken.append("gemm") or x.new_zeros(x.shape[0], 64))

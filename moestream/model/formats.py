@@ -637,7 +637,7 @@ def _int4_product(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, gemm
     rows = x2.shape[0]
     by_gemm = gemm and halves and rows >= INT4_GEMM_ROWS
     if halves and native.available():
-        if rows == 1 or (block == 64 and native.int4_shares_rows() and not (by_gemm and onednn_may_use_amx())):
+        if rows == 1 or (native.int4_shares_rows(block) and not (by_gemm and onednn_may_use_amx())):
             return native.int4_linear(x2, packed, sz, block)
     if by_gemm:
         return _int4_gemm(x2, packed, sz, block)

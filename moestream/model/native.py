@@ -882,11 +882,12 @@ def available() -> bool:
     return _library() is not None
 
 
-def int4_shares_rows() -> bool:
-    """Whether int4_linear reads the weights once for several rows (AVX512-BF16 and VBMI, blocks of 64):
-    then it beats torch's kernel at every row count; elsewhere it walks the weights once per row."""
+def int4_shares_rows(block: int) -> bool:
+    """Whether int4_linear reads weights in blocks of `block` channels once for several rows (AVX512-BF16
+    and VBMI, blocks of 64): then it beats torch's kernel at every row count; elsewhere it walks the
+    weights once per row."""
     lib = _library()
-    return lib is not None and ctypes.c_long.in_dll(lib, "int4_shared_rows").value > 1
+    return block == 64 and lib is not None and ctypes.c_long.in_dll(lib, "int4_shared_rows").value > 1
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
