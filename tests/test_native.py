@@ -126,24 +126,29 @@ def test_int4_kernel_reads_torchs_packing_and_gives_each_row_of_a_batch_its_own_
 
 
 @needs_kernels
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("n,k", [(40, 37), (72, 64), (9, 200), (130, 96)])  # tails past 32 and 16, odd tiles
-def test_bf16_kernel_is_f_linear_and_a_batch_gives_each_rows_bits(n, k):
-    """Up to BF16_ROWS rows are the C kernel's (one row, or tiles of a few): F.linear's formula within
-    one bf16 step, and each row's bits in a batch are the ones it has alone, so a batched decode step
-    computes what each sequence would. More rows are oneDNN's GEMM over w as it lies, and a prompt's
-    many rows F.linear's."""
+def test_bf16_kernel_is_f_linear_and_a_batch_gives_each_rows_bits(monkeypatch, n, k, amx):
+    """Fewer than bf16_rows() rows are the C kernel's (one row, or tiles: whole ones, a last partial one
+    of weight rows and of input rows): F.linear's formula within one bf16 step, and each row's bits in
+    a batch are the ones it has alone, so a batched decode step computes what each sequence would and
+    a prompt's rows through an expert what each token would. More rows are F.linear's; where oneDNN
+    may use AMX, all but a decode step's few."""
+    monkeypatch.setattr(native, "onednn_may_use_amx", lambda: amx)
+    limit = native.BF16_AMX_ROWS if amx else native.BF16_ROWS
+    assert native.bf16_rows() == limit
     w = rand(n, k).bfloat16()
-    for rows in range(1, native.BF16_ROWS + 1):
+    for rows in sorted({1, 2, 3, 4, 5, 7, 11, limit - 1} - set(range(limit, 200))):
         x = rand(rows, k).bfloat16()
         got = native.linear(x, w)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
         assert_bf16_close(got, x.float() @ w.float().t())
         assert torch.equal(got, torch.cat([native.linear(x[i:i + 1], w) for i in range(rows)]))
-    x = rand(2, native.BF16_ROWS + 1, k).bfloat16()
+    x = rand(2, 2, k).bfloat16()
     got = native.linear(x, w)
-    assert got.shape == (2, native.BF16_ROWS + 1, n) and got.is_contiguous()
-    assert_bf16_close(got, x.float() @ w.float().t())
-    many = rand(native.BF16_WX_ROWS, k).bfloat16()
+    assert got.shape == (2, 2, n) and got.is_contiguous()
+    assert torch.equal(got.flatten(0, 1), native.linear(x.flatten(0, 1), w))
+    many = rand(limit, k).bfloat16()
     assert torch.equal(native.linear(many, w), F.linear(many, w))  # a prompt's rows: F.linear
     assert native.linear(rand(1, k), w.float()).dtype == torch.float32  # float32 stays float32's kernel
     assert native.linear(x[0, :2], w.t().contiguous().t()).shape == (2, n)  # w not contiguous: F.linear

@@ -17,8 +17,6 @@ legal on any device and vectorised loads stay aligned.
 
 from __future__ import annotations
 
-import functools
-import os
 import threading
 from dataclasses import dataclass
 
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 from .. import memory
 from ..errors import MoestreamError
 from . import native
+from .native import onednn_may_use_amx
 
 ALIGN = 64  # bytes: each part of a packed buffer starts on a cache-line boundary
 
@@ -122,20 +121,6 @@ def prepacks(dtype: torch.dtype, device, expert: bool = False) -> bool:
 def onednn_bf16() -> bool:
     """Whether this torch's oneDNN has bf16 kernels for this CPU (what PackedLinear needs)."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-@functools.cache
-def onednn_may_use_amx() -> bool:
-    """True unless this CPU is known to lack AMX (Linux's /proc/cpuinfo lists no amx_bf16) or oneDNN is
-    capped below it (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA naming an ISA without AMX)."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    if cap and cap.upper() != "ALL" and "AMX" not in cap.upper():
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
-    except OSError:
-        return True  # not Linux: cannot tell, so do not pack
 
 
 class PackedLinear:
@@ -385,18 +370,20 @@ GEMM_CHUNK_BYTES = 1 << 22  # bf16 weights converted (int8) or unpacked (int4) p
 
 def _int8_gemm(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x2 [T, K] bf16 @ (q * s[:, None]).T for many rows: int8 -> bf16 is exact, so each chunk of output
-    channels is one bf16 GEMM (oneDNN, AMX where there is one) over its converted weights, and the
-    scales multiply the [T, N] output instead of the weights. The output is rounded to bf16 once more
-    than the kernel's (about 2^-9 relative), far below int8's quantization error."""
+    channels is one bf16 product (native.linear: a prompt's rows through an expert in the C kernel, or
+    oneDNN's GEMM, AMX where there is one) over its converted weights, and the scales multiply the
+    [T, N] output instead of the weights. The output is rounded to bf16 once more than the kernel's
+    (about 2^-9 relative), far below int8's quantization error."""
     n, k = q.shape
     rows = max(64, GEMM_CHUNK_BYTES // (2 * k) // 64 * 64)
     scratch = _scratch_buffer(min(n, rows) * k, torch.bfloat16, q.device)
     y = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x2.device)
+    x2 = x2.contiguous()
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         w = scratch[:(n1 - n0) * k].view(n1 - n0, k)
         w.copy_(q[n0:n1])
-        y[:, n0:n1] = F.linear(x2, w)
+        y[:, n0:n1] = native.linear(x2, w)
     return y.mul_(s.float()).to(torch.bfloat16)
 
 
