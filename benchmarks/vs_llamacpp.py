@@ -37,9 +37,10 @@ Python when it has the converter's imports, else in a venv made in --cache. GGUF
 synthetic checkpoint stay in --cache for the next run (2 Scout layers: about 26 GB on disk, 9 GB
 of RAM while either engine runs).
 
---rounds R repeats the pair (llama-bench, then moestream) R times per format: a shared VM's memory
-bandwidth moves by a third within minutes (2 cores of an EPYC VM read 32 GB/s and, ten minutes
-later, 48), so each round's ratio compares two measurements taken close together, and the table
+--rounds R repeats the pair (llama-bench, then moestream; every second round moestream first, so a
+drift one way favours neither) R times per format: a shared VM's memory bandwidth moves by a third
+within minutes (2 cores of an EPYC VM read 32 GB/s and, ten minutes later, 48; 52 and, a minute
+later, 35), so each round's ratio compares two measurements taken close together, and the table
 gives the median of the rounds' ratios beside each engine's median over the rounds.
 
 Rerun (on an idle machine):
@@ -615,14 +616,17 @@ SCOUT_RUNS = [("BF16", "bf16", "convert", "bfloat16", "bf16"), ("Q8_0", "q8_0", 
 
 
 def machine() -> str:
-    cpu = "?"
+    """The CPU (with its family and model: a VM's "AMD EPYC" alone does not say which generation), the
+    software and the commit."""
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    cpu = fields.get("model name", "?") + (f" (family {fields['cpu family']} model {fields['model']})"
+                                           if "cpu family" in fields and "model" in fields else "")
     import torch
 
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
@@ -662,12 +666,15 @@ def compare(lc: LlamaCpp, args, model_name: str, hf_dir: Path, gguf_dir: Path, r
         rounds = []  # (llama.cpp's result, moestream's), one pair per round, measured one after the other
         for k in range(args.rounds):
             if args.rounds > 1:
-                say(f"-- round {k + 1} of {args.rounds}")
-            lcr = llama_bench(lc, ggufs[name], args.p, args.n, args.threads, args.r)
-            say(f"llama.cpp {lcr}")
-            msr = moestream_bench(hf_dir, args.p, args.n, args.threads, args.r, dtype, expert_dtype, resident)
-            say(f"moestream {msr}")
-            rounds.append((lcr, msr))
+                say(f"-- round {k + 1} of {args.rounds}" + (": moestream first" if k % 2 else ""))
+            got = {}
+            for engine in (("moestream", "llama.cpp") if k % 2 else ("llama.cpp", "moestream")):
+                got[engine] = (llama_bench(lc, ggufs[name], args.p, args.n, args.threads, args.r)
+                               if engine == "llama.cpp" else
+                               moestream_bench(hf_dir, args.p, args.n, args.threads, args.r, dtype, expert_dtype,
+                                               resident))
+                say(f"{engine} {got[engine]}")
+            rounds.append((got["llama.cpp"], got["moestream"]))
         placing.append((model_name, ms_fmt, rounds[0][1]["load_s"], rounds[0][1]["place_experts_s"]))
         for t in args.threads:
             for kind, count in (("pp", args.p), ("tg", args.n)):
@@ -695,8 +702,8 @@ def main() -> None:
     ap.add_argument("-r", type=int, default=5, help="Repetitions per test (median reported). Default 5.")
     ap.add_argument("--threads", default="1,2", help="Thread counts, comma list. Default 1,2.")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="Times the pair (llama-bench, then moestream) runs per format; the ratio is the median of "
-                         "the rounds' ratios. Default 1.")
+                    help="Times the pair (llama-bench, then moestream; every second round the other way round) runs "
+                         "per format; the ratio is the median of the rounds' ratios. Default 1.")
     ap.add_argument("--llama-cpp", default=None, metavar="DIR",
                     help="An existing llama.cpp tree (convert_hf_to_gguf.py, gguf-py, llama-bench, llama-quantize).")
     ap.add_argument("--cache", type=Path, default=Path("~/.cache/moestream").expanduser(),
@@ -772,7 +779,8 @@ def main() -> None:
     say(f"- llama.cpp: commit {lc.commit} ({lc.version}; llama-bench JSON build_commit "
         f"{', '.join(sorted(builds)) or '?'}), CPU build{'' if lc.amx else ' without AMX kernels (they fault on this CPU)'}, {lc.bench}")
     say(f"- tests: pp{args.p} / tg{args.n}, {args.r} repetitions, median t/s"
-        + (f", in {args.rounds} rounds of (llama-bench, moestream) per format, the ratio the rounds' median"
+        + (f", in {args.rounds} rounds of (llama-bench, moestream) per format, every second one moestream first, "
+           "the ratio the rounds' median"
            if args.rounds > 1 else "") + "; llama-bench (mmap, its defaults) after its "
         f"own warm-up; moestream (Python API, one load per format, every expert placed first) after one warm-up "
         f"test per thread count (moestream/cli/bench.py run_test, as `moestream bench`); one engine at a time")
