@@ -11,10 +11,12 @@ token remain. One row through int8 or int4 weights (formats.py) is one call too,
 own packing: torch's int4 kernel is bound by its arithmetic (21 GB/s of a Scout expert on two EPYC
 cores where these loops read 40), and where the CPU has AVX512-BF16 and VBMI the int4 loops take any
 number of rows, four at a time per pass over the weights (a prompt's rows: 2x torch's kernel at 64
-rows of Scout's gate_up). So is a decode step's rows (up to four: one sequence, or a small
-batch) through plain bf16 weights: oneDNN's GEMV wants its own blocked layout, which an offloaded
-expert (copied as it is stored) cannot keep, and reads 11 / 20 GB/s of Scout's gate_up at 1 / 2
-threads packed where this reads 19 / 27 unpacked. Everything else (prompts, CUDA) stays with torch.
+rows of Scout's gate_up). So are bf16 rows through plain bf16 weights, up to 127 of them (a decode
+step, a batch's, a prompt's tokens through a routed expert): oneDNN's GEMV wants its own blocked
+layout, which an offloaded expert (copied as it is stored) cannot keep, and reads 11 / 20 GB/s of
+Scout's gate_up at 1 / 2 threads packed where this reads 19 / 27 unpacked; at 32 rows its GEMM
+reorders the weights first and reaches 295-370 GFLOP/s where these tiles reach 417. Everything
+else (a prompt's shared expert and attention, AMX's GEMMs, CUDA) stays with torch.
 
 The kernels compute the same formulas in another order of float32 additions than torch (16 partial
 sums added pairwise, then the tail; a scalar exp), so their results differ from torch's in the last
