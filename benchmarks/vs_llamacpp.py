@@ -667,12 +667,12 @@ def compare(lc: LlamaCpp, args, model_name: str, hf_dir: Path, gguf_dir: Path, r
         for k in range(args.rounds):
             if args.rounds > 1:
                 say(f"-- round {k + 1} of {args.rounds}" + (": moestream first" if k % 2 else ""))
+            bench = {"llama.cpp": lambda: llama_bench(lc, ggufs[name], args.p, args.n, args.threads, args.r),
+                     "moestream": lambda: moestream_bench(hf_dir, args.p, args.n, args.threads, args.r, dtype,
+                                                          expert_dtype, resident)}
             got = {}
             for engine in (("moestream", "llama.cpp") if k % 2 else ("llama.cpp", "moestream")):
-                got[engine] = (llama_bench(lc, ggufs[name], args.p, args.n, args.threads, args.r)
-                               if engine == "llama.cpp" else
-                               moestream_bench(hf_dir, args.p, args.n, args.threads, args.r, dtype, expert_dtype,
-                                               resident))
+                got[engine] = bench[engine]()
                 say(f"{engine} {got[engine]}")
             rounds.append((got["llama.cpp"], got["moestream"]))
         placing.append((model_name, ms_fmt, rounds[0][1]["load_s"], rounds[0][1]["place_experts_s"]))

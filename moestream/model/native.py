@@ -15,7 +15,7 @@ rows of Scout's gate_up). So are bf16 rows through plain bf16 weights, up to 127
 step, a batch's, a prompt's tokens through a routed expert): oneDNN's GEMV wants its own blocked
 layout, which an offloaded expert (copied as it is stored) cannot keep, and reads 11 / 20 GB/s of
 Scout's gate_up at 1 / 2 threads packed where this reads 19 / 27 unpacked; at 32 rows its GEMM
-reorders the weights first and reaches 295-370 GFLOP/s where these tiles reach 417. Everything
+reorders the weights first and reaches 273-368 GFLOP/s where these tiles reach 409-417. Everything
 else (a prompt's shared expert and attention, AMX's GEMMs, CUDA) stays with torch.
 
 The kernels compute the same formulas in another order of float32 additions than torch (16 partial
@@ -284,7 +284,7 @@ static void bf16_rows(const job *j, long n0, long n1) {
    for TM rows, the tile's weights read from memory on its first pass and from L2 on the others (M /
    TM passes), while the next tile's weights are prefetched into L2 a line per step. Without that
    prefetch the first pass waits on memory; with it, 32 rows through Scout's gate_up on two EPYC
-   cores run at 434 GFLOP/s, of a 467 peak (oneDNN: 295 from x w^T, 369 from w x^T). Every (m, n)
+   cores run at 417 GFLOP/s, of a 467 peak (oneDNN: 278 from x w^T, 368 from w x^T). Every (m, n)
    sum is the one-row kernel's, term for term in the same order, so each row gets the bits it has
    alone, whatever the rows beside it. AVX-512 only; elsewhere the rows go one by one. */
 #define TN 6
@@ -838,7 +838,7 @@ def onednn_may_use_amx() -> bool:
         with open("/proc/cpuinfo") as f:
             return any(line.startswith("flags") and " amx_bf16" in line for line in f)
     except OSError:
-        return True  # not Linux: cannot tell, so do not pack
+        return True  # not Linux: cannot tell, so assume it may
 
 
 def bf16_ready(x: torch.Tensor, w: torch.Tensor) -> bool:
